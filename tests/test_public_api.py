@@ -1,0 +1,53 @@
+"""``__all__`` of the package and of every module lists exactly its public names, sorted."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from types import ModuleType
+
+import pytest
+
+import supervisor
+
+
+def _defined_public_names(module: ModuleType) -> set[str]:
+    names = set()
+    for name, value in vars(module).items():
+        if name.startswith("_") or inspect.ismodule(value):
+            continue
+        if inspect.isclass(value) or inspect.isfunction(value):
+            if value.__module__ == module.__name__:
+                names.add(name)
+        elif name.isupper():  # module constants
+            names.add(name)
+    return names
+
+
+MODULES = sorted(
+    info.name
+    for info in pkgutil.iter_modules(supervisor.__path__, prefix="supervisor.")
+    if not info.name.endswith("__main__")
+)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_module_all_matches_its_public_names(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = list(getattr(module, "__all__", []))
+    assert exported == sorted(exported), f"{name}.__all__ is not sorted"
+    assert set(exported) == _defined_public_names(module)
+
+
+def test_package_all_is_sorted_and_complete() -> None:
+    exported = list(supervisor.__all__)
+    assert exported == sorted(exported)
+    public = {
+        name
+        for name, value in vars(supervisor).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+    }
+    assert set(exported) == public
+    for name in exported:
+        assert getattr(supervisor, name) is not None
