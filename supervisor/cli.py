@@ -2,24 +2,148 @@
 
 Exit codes (shared/CONFIG.md): 0 success; 2 bad usage or invalid config; 3 model source or
 integrity refused; 4 the child could not be started or kept running; 1 anything else. Every
-refusal prints one line ``error: <reason_code>: <fixed message>`` to stderr.
+refusal prints one line ``error: <reason_code>: <fixed message>`` to stderr, and never the URL, a
+path under the store, the digest, a token or a key.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Final, TextIO
+
+import anyio
 
 from supervisor import __version__
+from supervisor.config import Config, ConfigError, load_config, render_config
+from supervisor.errors import SupervisorError
+from supervisor.fetch import FetchProgress, fetch_model, verify_model
+from supervisor.logging import configure_logging, get_logger
+from supervisor.policy import Reason
 
-__all__ = ["EXIT_CHILD", "EXIT_ERROR", "EXIT_INTEGRITY", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = [
+    "EXIT_CHILD",
+    "EXIT_ERROR",
+    "EXIT_INTEGRITY",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "exit_code_for",
+    "main",
+]
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTEGRITY = 3
-EXIT_CHILD = 4
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_INTEGRITY: Final = 3
+EXIT_CHILD: Final = 4
+
+_INTEGRITY_REASONS: Final = frozenset(
+    {
+        Reason.MALFORMED_SPEC,
+        Reason.SCHEME_NOT_ALLOWED,
+        Reason.SOURCE_NOT_ALLOWED,
+        Reason.DIGEST_MISMATCH,
+        Reason.SIZE_MISMATCH,
+        Reason.TOO_MANY_REDIRECTS,
+        Reason.TLS_ERROR,
+        Reason.MODEL_MISSING,
+    }
+)
+
+_log = get_logger("cli")
+
+
+def exit_code_for(error: SupervisorError) -> int:
+    """The CLI's exit code for an error, from its reason."""
+    if error.reason in (Reason.INVALID_CONFIG, Reason.MALFORMED_INPUT):
+        return EXIT_USAGE
+    if error.reason in _INTEGRITY_REASONS:
+        return EXIT_INTEGRITY
+    return EXIT_ERROR
+
+
+def _fail(error: SupervisorError, stream: TextIO) -> int:
+    print(f"error: {error.reason.value}: {error.message}", file=stream)
+    return exit_code_for(error)
+
+
+def _mib(value: float) -> str:
+    return f"{value / (1024 * 1024):.1f} MiB"
+
+
+class ProgressPrinter:
+    """A progress bar on a terminal; a plain line every few seconds otherwise."""
+
+    def __init__(self, name: str, stream: TextIO, *, plain_interval_s: float = 5.0) -> None:
+        self.name = name
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.plain_interval_s = plain_interval_s
+        self.last_plain = 0.0
+        self.drew = False
+
+    def __call__(self, progress: FetchProgress) -> None:
+        percent = 100.0 * progress.done_bytes / max(progress.total_bytes, 1)
+        text = (
+            f"{self.name}: {percent:5.1f}% {_mib(progress.done_bytes)} of "
+            f"{_mib(progress.total_bytes)}, {_mib(progress.rate_bytes_per_s)}/s"
+        )
+        if self.tty:
+            width = 24
+            filled = int(width * percent / 100)
+            bar = "#" * filled + "-" * (width - filled)
+            self.stream.write(f"\r[{bar}] {text}\x1b[K")
+            self.stream.flush()
+            self.drew = True
+            return
+        now = time.monotonic()
+        if (
+            now - self.last_plain >= self.plain_interval_s
+            or progress.done_bytes >= progress.total_bytes
+        ):
+            self.last_plain = now
+            print(f"fetch: {text}", file=self.stream, flush=True)
+
+    def done(self) -> None:
+        if self.drew:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drew = False
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def _cmd_fetch(config: Config, args: argparse.Namespace) -> int:
+    printer = ProgressPrinter(config.model.name, sys.stderr)
+    try:
+        anyio.run(lambda: fetch_model(config.model, config.store.dir, on_progress=printer))
+    finally:
+        printer.done()
+    print(f"{config.model.name} verified")
+    return EXIT_OK
+
+
+def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    anyio.run(verify_model, config.model, config.store.dir)
+    print(f"{config.model.name} verified")
+    return EXIT_OK
+
+
+def _cmd_check_config(config: Config, args: argparse.Namespace) -> int:
+    print(render_config(config), end="")
+    return EXIT_OK
+
+
+_COMMANDS: Final[dict[str, tuple[str, Callable[[Config, argparse.Namespace], int]]]] = {
+    "fetch": ("download (or copy) and verify the model into the store", _cmd_fetch),
+    "verify": ("re-hash the stored model in full (exit 0, or 3 and quarantine)", _cmd_verify),
+    "check-config": ("validate a config and print it, secrets masked", _cmd_check_config),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,11 +153,42 @@ def _parser() -> argparse.ArgumentParser:
         "bounded admission.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="log format on stderr (auto: console on a terminal, JSON lines otherwise)",
+    )
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), default="info"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, _fn) in _COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", required=True, type=Path, help="the TOML config file")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    parser.parse_args(argv)
-    parser.print_help(sys.stderr)
-    return EXIT_USAGE
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return EXIT_USAGE if exit_.code not in (0, None) else EXIT_OK
+    json_logs = {"auto": None, "json": True, "console": False}[args.log_format]
+    configure_logging(json=json_logs, level=args.log_level)
+    _help, command = _COMMANDS[args.command]
+    try:
+        config = load_config(args.config)
+        return command(config, args)
+    except ConfigError as error:
+        return _fail(error, sys.stderr)
+    except SupervisorError as error:
+        return _fail(error, sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted: stopped by the user", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as error:
+        _log.error("cli.failed", error_type=type(error).__name__)
+        print("error: internal_error: unexpected failure (see the log)", file=sys.stderr)
+        return EXIT_ERROR

@@ -54,6 +54,7 @@ __all__ = [
     "record_queued",
     "record_released",
     "transition_lifecycle",
+    "validate_allowlist",
     "validate_integrity_spec",
     "validate_source_url",
     "verify_model_bytes",
@@ -93,6 +94,17 @@ class Reason(StrEnum):
     VRAM_OVER_LIMIT = "vram_over_limit"
     CPU_OVER_LIMIT = "cpu_over_limit"
     RESOURCE_NOT_OBSERVED = "resource_not_observed"
+    # configuration
+    INVALID_CONFIG = "invalid_config"
+    # fetch and store
+    NETWORK_ERROR = "network_error"
+    HTTP_STATUS = "http_status"
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    STALLED = "stalled"
+    TLS_ERROR = "tls_error"
+    DISK_FULL = "disk_full"
+    STORE_ERROR = "store_error"
+    MODEL_MISSING = "model_missing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +391,17 @@ def _parse_allowlist(allowed: object) -> tuple[_ParsedUrl, ...]:
             raise _UrlRefused(Reason.MALFORMED_INPUT)
         prefixes.append(prefix)
     return tuple(prefixes)
+
+
+def validate_allowlist(allowed_source_urls: object) -> Verdict:
+    """Is this a non-empty list (or tuple) of valid https URL prefixes? Never raises."""
+    try:
+        _parse_allowlist(allowed_source_urls)
+    except _UrlRefused as refused:
+        return _deny(refused.reason)
+    except Exception:  # fail closed on anything unforeseen
+        return _deny(Reason.MALFORMED_INPUT)
+    return _OK
 
 
 def _host_matches(host: str, prefix: _Origin) -> bool:
