@@ -30,11 +30,15 @@ import random
 import shutil
 import ssl
 import stat
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Final, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -80,6 +84,7 @@ _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _RECORD_VERSION: Final = 1
 
 _log = get_logger("fetch")
+T = TypeVar("T")
 
 
 class FetchError(SupervisorError):
@@ -276,8 +281,12 @@ def _store_error(exc: OSError) -> FetchError:
 
 
 @contextlib.asynccontextmanager
-async def _store_lock(store: ModelStore, digest: str, name: str) -> AsyncIterator[None]:
-    """One download per digest across processes: flock, polled so that waiting is cancellable."""
+async def _store_lock(store: ModelStore, digest: str, name: str) -> AsyncIterator[int]:
+    """One download per digest across processes: flock, polled so that waiting is cancellable.
+
+    Yields the lock's descriptor: a worker thread that must keep the lock past a cancellation
+    holds a ``dup`` of it (the lock lives until every descriptor of it is closed).
+    """
     try:
         fd = os.open(store.lock_path(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
@@ -293,19 +302,49 @@ async def _store_lock(store: ModelStore, digest: str, name: str) -> AsyncIterato
                     _log.info("fetch.waiting_for_other_download", model=name)
                     waited = True
                 await anyio.sleep(0.1)
-        yield
+        yield fd
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        os.close(fd)
+
+
+async def _in_thread(lock_fd: int, work: Callable[[threading.Event], T]) -> T:
+    """Run blocking ``work(stop)`` in a worker thread that holds the store lock while it runs.
+
+    On cancellation the caller returns at once and sets ``stop``; the thread notices it at its
+    next chunk (or its read timeout), leaves a consistent partial file, and only then lets the
+    lock go, so no other download can touch the file while it still writes.
+    """
+    stop = threading.Event()
+    held = os.dup(lock_fd)
+
+    def run() -> T:
+        try:
+            return work(stop)
+        finally:
+            os.close(held)
+
+    try:
+        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    finally:
+        stop.set()
+
+
+class _Stopped(Exception):
+    """Internal: the caller was cancelled; the worker thread stops at a chunk boundary."""
 
 
 # ----------------------------------------------------------------------------------------------
-# hashing and writing (in a worker thread)
+# hashing and writing (in worker threads)
 
 
-def _hash_file(path: Path, accumulator: IntegrityAccumulator, limit: int | None = None) -> None:
+def _hash_file(
+    path: Path, accumulator: IntegrityAccumulator, stop: threading.Event, limit: int | None = None
+) -> None:
     with open(path, "rb", buffering=0) as handle:
         remaining = limit
         while remaining is None or remaining > 0:
+            if stop.is_set():
+                raise _Stopped
             want = _READ_BYTES if remaining is None else min(_READ_BYTES, remaining)
             block = handle.read(want)
             if not block:
@@ -315,39 +354,37 @@ def _hash_file(path: Path, accumulator: IntegrityAccumulator, limit: int | None 
                 remaining -= len(block)
 
 
-def _open_for_reading(path: Path) -> BinaryIO:
-    return open(path, "rb", buffering=0)
+class _Writer:
+    """Hashes and writes batches in order (runs in the pipeline's second thread).
 
+    Each batch is gathered into one reused buffer, then hashed and written in one call: the
+    per-call overheads of 16 KiB TLS records cost more than the copy, and a reused buffer costs
+    no page faults (fresh pages are dear on a VM).
+    """
 
-def _write_all(fd: int, chunks: list[bytes], accumulator: IntegrityAccumulator) -> None:
-    for chunk in chunks:
-        accumulator.update(chunk)
-        view = memoryview(chunk)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+    def __init__(self, fd: int, accumulator: IntegrityAccumulator) -> None:
+        self.fd = fd
+        self.accumulator = accumulator
+        self.buffer = bytearray(_BATCH_BYTES + 256 * 1024)
 
-
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one meaningful exception of a task group: ours first, then anything else."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    for preferred in (FetchError, _Retryable, _RestartFromZero, OSError):
-        for leaf in leaves:
-            if isinstance(leaf, preferred):
-                return leaf
-    return leaves[0] if leaves else group
+    def __call__(self, chunks: list[bytes]) -> None:
+        size = sum(len(chunk) for chunk in chunks)
+        if size > len(self.buffer):
+            self.buffer = bytearray(size)
+        view = memoryview(self.buffer)
+        at = 0
+        for chunk in chunks:
+            view[at : at + len(chunk)] = chunk
+            at += len(chunk)
+        block = view[:size]
+        self.accumulator.update(block)
+        while block:
+            block = block[os.write(self.fd, block) :]
 
 
 class _Progress:
+    """Rate-limited progress reports (called from a worker thread)."""
+
     def __init__(self, total: int, callback: ProgressCallback | None) -> None:
         self.total = total
         self.callback = callback
@@ -386,9 +423,11 @@ def _ssl_context(model: ModelConfig) -> ssl.SSLContext:
     return context
 
 
-def _client(model: ModelConfig) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        verify=_ssl_context(model),
+def _client(model: ModelConfig, context: ssl.SSLContext) -> httpx.Client:
+    # A blocking client in a worker thread: on loopback it streams at about twice the rate of
+    # the async client, whose TLS runs through a Python-level memory BIO (scripts/bench_fetch.py).
+    return httpx.Client(
+        verify=context,
         timeout=httpx.Timeout(
             connect=model.connect_timeout_s,
             read=model.stall_timeout_s,  # no byte for this long: stalled
@@ -398,7 +437,7 @@ def _client(model: ModelConfig) -> httpx.AsyncClient:
         follow_redirects=False,  # every hop is checked against the allowlist first
         trust_env=False,  # no .netrc credentials or proxy settings leak into a model download
         headers={"User-Agent": f"llama-supervisor/{__version__}", "Accept-Encoding": "identity"},
-        limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
+        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
     )
 
 
@@ -453,12 +492,17 @@ def _is_tls_failure(exc: BaseException) -> bool:
     return False
 
 
+_SIZE_DECLARED: Final = "the source declares another size"
+_NOT_ALLOWED: Final = "the model source is not allowed"
+_NO_MATCH: Final = "the model's bytes do not match the pinned digest and size"
+
+
 # ----------------------------------------------------------------------------------------------
-# one download
+# one download (each attempt runs in a worker thread)
 
 
 class _Download:
-    """The state of one model's download into the store's partial file."""
+    """One model's download into the store's partial file."""
 
     def __init__(
         self, model: ModelConfig, store: ModelStore, progress: ProgressCallback | None
@@ -468,6 +512,7 @@ class _Download:
         self.partial = store.partial_path(model.sha256)
         self.progress = _Progress(model.size_bytes, progress)
         self.expected_digest = bytes.fromhex(model.sha256)
+        self.ssl_context = None if model.is_file_source else _ssl_context(model)
 
     def _accumulator(self) -> IntegrityAccumulator:
         if self.model.is_file_source:
@@ -484,12 +529,13 @@ class _Download:
 
     def _open_partial(self) -> int:
         try:
-            fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            return os.open(
+                self.partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
         except OSError as exc:
             raise _store_error(exc) from None
-        return fd
 
-    async def _resume(self, fd: int) -> tuple[int, IntegrityAccumulator]:
+    def _resume(self, fd: int, stop: threading.Event) -> tuple[int, IntegrityAccumulator]:
         """Re-hash what the partial file holds; discard it when it is longer than declared."""
         accumulator = self._accumulator()
         size = os.fstat(fd).st_size
@@ -498,102 +544,103 @@ class _Download:
             size = 0
             _log.info("fetch.partial_discarded", model=self.model.name)
         if size:
-            await anyio.to_thread.run_sync(_hash_file, self.partial, accumulator, size)
+            _hash_file(self.partial, accumulator, stop, size)
             _log.info("fetch.resume", model=self.model.name, offset=size)
         os.lseek(fd, size, os.SEEK_SET)
         return size, accumulator
 
-    async def _pump(
-        self, chunks: AsyncIterator[bytes], fd: int, offset: int, accumulator: IntegrityAccumulator
-    ) -> int:
-        """Stream ``chunks`` into the file and the hash; returns the bytes received.
+    def _pump(
+        self,
+        chunks: Iterator[bytes],
+        fd: int,
+        offset: int,
+        accumulator: IntegrityAccumulator,
+        stop: threading.Event,
+    ) -> None:
+        """Stream ``chunks`` into the file and the hash.
 
-        The receiving side runs here; hashing and writing run in a worker thread one batch behind,
-        so sha256 overlaps the transfer. At most ``_PIPELINE_DEPTH`` batches wait in between.
+        This thread receives; a second one hashes and writes, one batch behind, so sha256
+        overlaps the transfer. At most ``_PIPELINE_DEPTH`` batches wait in between. Whatever
+        ends the stream (a drop, a stall, a cancellation), what was received is a valid prefix
+        and is written out before the error propagates; only bytes past the declared size are
+        never written.
         """
         expected = self.model.size_bytes
-        send, receive = anyio.create_memory_object_stream[list[bytes]](_PIPELINE_DEPTH)
-        received = 0
+        received = offset
+        batch: list[bytes] = []
+        batch_bytes = 0
+        pending: deque[Future[None]] = deque()
+        write = _Writer(fd, accumulator)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch-write") as executor:
 
-        async def writer() -> None:
-            async with receive:
-                async for batch in receive:
-                    await anyio.to_thread.run_sync(_write_all, fd, batch, accumulator)
+            def submit() -> None:
+                nonlocal batch, batch_bytes
+                if len(pending) >= _PIPELINE_DEPTH:
+                    pending.popleft().result()
+                pending.append(executor.submit(write, batch))
+                batch, batch_bytes = [], 0
 
-        failure: Exception | None = None
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(writer)
-                async with send:
-                    batch: list[bytes] = []
-                    batch_bytes = 0
-                    try:
-                        async for chunk in chunks:
-                            received += len(chunk)
-                            if offset + received > expected:
-                                # More than declared: cut the transfer off now, write no more.
-                                batch.clear()
-                                raise FetchError(
-                                    "the source sent more bytes than declared",
-                                    reason=Reason.SIZE_MISMATCH,
-                                )
-                            batch.append(chunk)
-                            batch_bytes += len(chunk)
-                            if batch_bytes >= _BATCH_BYTES:
-                                await send.send(batch)
-                                batch, batch_bytes = [], 0
-                            self.progress.report(offset + received)
-                    except Exception as exc:
-                        # What arrived before a dropped connection or a stall is a valid prefix:
-                        # let the writer store it for the resume before the error propagates.
-                        failure = exc
-                    if batch:
-                        await send.send(batch)
-        except BaseExceptionGroup as group:
-            raise _unwrap(group) from None
-        if failure is not None:
-            raise failure
-        return received
+            try:
+                for chunk in chunks:
+                    received += len(chunk)
+                    if received > expected:
+                        # More than declared: cut the transfer off now, write no more.
+                        batch.clear()
+                        raise FetchError(
+                            "the source sent more bytes than declared",
+                            reason=Reason.SIZE_MISMATCH,
+                        )
+                    batch.append(chunk)
+                    batch_bytes += len(chunk)
+                    if batch_bytes >= _BATCH_BYTES:
+                        submit()
+                    self.progress.report(received)
+                    if stop.is_set():
+                        raise _Stopped
+            finally:
+                if batch:
+                    submit()
+                while pending:
+                    pending.popleft().result()
 
-    async def run_http(self, client: httpx.AsyncClient) -> None:
+    def attempt_http(self, stop: threading.Event) -> None:
         fd = self._open_partial()
         try:
-            offset, accumulator = await self._resume(fd)
+            offset, accumulator = self._resume(fd, stop)
             resumed = offset > 0
             if offset < self.model.size_bytes:
-                accumulator, resumed = await self._request(client, fd, offset, accumulator)
-            await anyio.to_thread.run_sync(os.fsync, fd)
+                assert self.ssl_context is not None
+                with _client(self.model, self.ssl_context) as client:
+                    accumulator, resumed = self._request(client, fd, offset, accumulator, stop)
+            os.fsync(fd)
         except OSError as exc:
             raise _store_error(exc) from None
         finally:
             os.close(fd)
         self._judge(accumulator, resumed=resumed)
 
-    async def run_file(self) -> None:
+    def attempt_file(self, stop: threading.Event) -> None:
         source = Path(self.model.url[len("file:") :])
         fd = self._open_partial()
         try:
             os.ftruncate(fd, 0)
             accumulator = self._accumulator()
             try:
-                handle = await anyio.to_thread.run_sync(_open_for_reading, source)
+                handle = open(source, "rb", buffering=0)  # noqa: SIM115 - closed below
             except OSError:
                 raise FetchError(
                     "the local model file cannot be read", reason=Reason.MODEL_MISSING
                 ) from None
             with handle:
-
-                async def blocks() -> AsyncIterator[bytes]:
-                    while block := await anyio.to_thread.run_sync(handle.read, _READ_BYTES):
-                        yield block
-
                 self.progress.begin(0)
-                await self._pump(blocks(), fd, 0, accumulator)
-            await anyio.to_thread.run_sync(os.fsync, fd)
+                self._pump(iter(partial(handle.read, _READ_BYTES), b""), fd, 0, accumulator, stop)
+            os.fsync(fd)
         except OSError as exc:
             raise _store_error(exc) from None
         finally:
             os.close(fd)
+        if accumulator.bytes_seen < self.model.size_bytes:
+            raise FetchError(_NO_MATCH, reason=Reason.SIZE_MISMATCH)
         self._judge(accumulator, resumed=False)
 
     def _judge(self, accumulator: IntegrityAccumulator, *, resumed: bool) -> None:
@@ -608,28 +655,27 @@ class _Download:
         if verdict.reason == Reason.DIGEST_MISMATCH and resumed:
             # The bytes from before the interruption may belong to another version of the file.
             raise _RestartFromZero
-        raise FetchError(
-            "the model's bytes do not match the pinned digest and size",
-            reason=Reason(verdict.reason),
-        )
+        raise FetchError(_NO_MATCH, reason=Reason(verdict.reason))
 
-    async def _request(
-        self, client: httpx.AsyncClient, fd: int, offset: int, accumulator: IntegrityAccumulator
+    def _request(
+        self,
+        client: httpx.Client,
+        fd: int,
+        offset: int,
+        accumulator: IntegrityAccumulator,
+        stop: threading.Event,
     ) -> tuple[IntegrityAccumulator, bool]:
         """Follow checked redirects to the body and receive it; returns the accumulator that
         holds the file's hash and whether the file was resumed rather than started at byte 0."""
         url = self.model.url
-        for _hop in range(self.model.max_redirects + 1):
+        for hop in range(self.model.max_redirects + 1):
             _check_hop(url, self.model.allowed_sources)
             headers = {"Range": f"bytes={offset}-"} if offset else {}
             try:
                 request = client.build_request("GET", url, headers=headers)
-                response = await client.send(request, stream=True)
             except httpx.InvalidURL:
-                raise FetchError(
-                    "the model source is not allowed", reason=Reason.SOURCE_NOT_ALLOWED
-                ) from None
-            try:
+                raise FetchError(_NOT_ALLOWED, reason=Reason.SOURCE_NOT_ALLOWED) from None
+            with contextlib.closing(client.send(request, stream=True)) as response:
                 if response.status_code in _REDIRECTS:
                     location = response.headers.get("location")
                     if not location:
@@ -637,22 +683,23 @@ class _Download:
                     try:
                         url = str(response.url.join(location))
                     except (httpx.InvalidURL, ValueError):
-                        raise FetchError(
-                            "the model source is not allowed", reason=Reason.SOURCE_NOT_ALLOWED
-                        ) from None
-                    _log.info("fetch.redirect", model=self.model.name, hop=_hop + 1)
+                        raise FetchError(_NOT_ALLOWED, reason=Reason.SOURCE_NOT_ALLOWED) from None
+                    _log.info("fetch.redirect", model=self.model.name, hop=hop + 1)
                     continue
-                return await self._receive(response, fd, offset, accumulator)
-            finally:
-                await response.aclose()
+                return self._receive(response, fd, offset, accumulator, stop)
         raise FetchError("too many redirects", reason=Reason.TOO_MANY_REDIRECTS)
 
-    async def _receive(
-        self, response: httpx.Response, fd: int, offset: int, accumulator: IntegrityAccumulator
+    def _receive(
+        self,
+        response: httpx.Response,
+        fd: int,
+        offset: int,
+        accumulator: IntegrityAccumulator,
+        stop: threading.Event,
     ) -> tuple[IntegrityAccumulator, bool]:
         status = response.status_code
         expected = self.model.size_bytes
-        if status == 429 or status == 408 or 500 <= status <= 599:
+        if status in (408, 429) or 500 <= status <= 599:
             raise _Retryable(Reason.HTTP_STATUS, _retry_after(response))
         if status == 416:
             raise _RestartFromZero
@@ -665,23 +712,38 @@ class _Download:
                 offset, accumulator = 0, self._accumulator()
             length = response.headers.get("content-length")
             if length is not None and length.strip() != str(expected):
-                raise FetchError("the source declares another size", reason=Reason.SIZE_MISMATCH)
+                raise FetchError(_SIZE_DECLARED, reason=Reason.SIZE_MISMATCH)
         elif status == 206:
             content_range = _content_range(response.headers.get("content-range"))
             if content_range is None or content_range[0] != offset:
                 raise _RestartFromZero
             if content_range[1] is not None and content_range[1] != expected:
-                raise FetchError("the source declares another size", reason=Reason.SIZE_MISMATCH)
+                raise FetchError(_SIZE_DECLARED, reason=Reason.SIZE_MISMATCH)
             length = response.headers.get("content-length")
             if length is not None and length.strip() != str(expected - offset):
-                raise FetchError("the source declares another size", reason=Reason.SIZE_MISMATCH)
+                raise FetchError(_SIZE_DECLARED, reason=Reason.SIZE_MISMATCH)
         else:
             raise FetchError(
                 "the source answered with an unexpected status", reason=Reason.HTTP_STATUS
             )
         self.progress.begin(offset)
-        await self._pump(response.aiter_raw(), fd, offset, accumulator)
+        self._pump(response.iter_raw(), fd, offset, accumulator, stop)
         return accumulator, offset > 0
+
+
+def _attempt_http(download: _Download, stop: threading.Event) -> None:
+    """One attempt, with httpx's errors mapped to ours at this boundary."""
+    try:
+        download.attempt_http(stop)
+    except httpx.TimeoutException as exc:
+        reason = Reason.STALLED if isinstance(exc, httpx.ReadTimeout) else Reason.NETWORK_ERROR
+        raise _Retryable(reason) from None
+    except httpx.TransportError as exc:
+        if _is_tls_failure(exc):
+            raise FetchError(
+                "the source's TLS certificate was not trusted", reason=Reason.TLS_ERROR
+            ) from None
+        raise _Retryable(Reason.NETWORK_ERROR) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -716,26 +778,30 @@ def _check_free_space(store: ModelStore, model: ModelConfig, margin: int) -> Non
         raise FetchError("not enough free disk space for the model", reason=Reason.DISK_FULL)
 
 
-async def _rehash_blob(store: ModelStore, model: ModelConfig) -> bool:
+async def _rehash_blob(store: ModelStore, model: ModelConfig, lock_fd: int) -> bool:
     accumulator = IntegrityAccumulator(
         expected_digest=bytes.fromhex(model.sha256), expected_size_bytes=model.size_bytes
     )
+    blob = store.blob_path(model.sha256)
     try:
-        await anyio.to_thread.run_sync(_hash_file, store.blob_path(model.sha256), accumulator)
+        await _in_thread(lock_fd, partial(_hash_file, blob, accumulator))
     except OSError:
         return False
     return accumulator.finalize().ok
 
 
-async def _trusted_blob(store: ModelStore, model: ModelConfig) -> VerifiedModel | None:
-    """The blob when its record matches, or when a full re-hash proves it; else None."""
+async def _trusted_blob(
+    store: ModelStore, model: ModelConfig, lock_fd: int
+) -> VerifiedModel | None:
+    """Under the lock: the blob when its record matches or a full re-hash proves it; else None
+    (a blob that fails is quarantined)."""
     if store.record_matches(model.sha256, model.size_bytes):
         return store.mint(model)
     blob = store.blob_path(model.sha256)
     if not os.path.lexists(blob):
         return None
     _log.info("store.rehash", model=model.name)
-    if stat.S_ISREG(os.lstat(blob).st_mode) and await _rehash_blob(store, model):
+    if stat.S_ISREG(os.lstat(blob).st_mode) and await _rehash_blob(store, model, lock_fd):
         store.write_record(model.sha256)
         return store.mint(model)
     store.quarantine(model.sha256)
@@ -743,11 +809,10 @@ async def _trusted_blob(store: ModelStore, model: ModelConfig) -> VerifiedModel 
 
 
 def _install(store: ModelStore, model: ModelConfig) -> VerifiedModel:
-    partial = store.partial_path(model.sha256)
-    blob = store.blob_path(model.sha256)
+    partial_file = store.partial_path(model.sha256)
     try:
-        os.chmod(partial, 0o444)
-        os.replace(partial, blob)
+        os.chmod(partial_file, 0o444)
+        os.replace(partial_file, store.blob_path(model.sha256))
         _fsync_dir(store.blobs)
         _fsync_dir(store.partial)
     except OSError as exc:
@@ -766,17 +831,17 @@ async def fetch_model(
     """Make sure the store holds the model's verified bytes; download them if needed.
 
     Raises :class:`FetchError` with a fixed reason. Cancellation at any point leaves a partial
-    file that the next call resumes.
+    file that the next call resumes. ``on_progress`` is called from a worker thread, at most
+    every quarter second.
     """
     _check_spec(model)
     store = ModelStore(store_dir)
     store.ensure()
-    verified = await _trusted_blob(store, model)
-    if verified is not None:
-        return verified
-    async with _store_lock(store, model.sha256, model.name):
+    if store.record_matches(model.sha256, model.size_bytes):
+        return store.mint(model)
+    async with _store_lock(store, model.sha256, model.name) as lock_fd:
         # Another process may have installed it while we waited for the lock.
-        verified = await _trusted_blob(store, model)
+        verified = await _trusted_blob(store, model, lock_fd)
         if verified is not None:
             _log.info("fetch.shared", model=model.name)
             return verified
@@ -784,54 +849,26 @@ async def fetch_model(
         _log.info("fetch.start", model=model.name, size_bytes=model.size_bytes)
         download = _Download(model, store, on_progress)
         if model.is_file_source:
-            await _run_file(download)
+            await _in_thread(lock_fd, download.attempt_file)
         else:
-            async with _client(model) as client:
-                await _run_http(download, client)
+            await _run_http(download, lock_fd)
         verified = _install(store, model)
     _log.info("fetch.verified", model=model.name, size_bytes=model.size_bytes)
     return verified
 
 
-async def _run_file(download: _Download) -> None:
-    try:
-        await download.run_file()
-    except _Retryable as exc:  # a local file that changed while it was read
-        raise FetchError(
-            "the model's bytes do not match the pinned digest and size", reason=Reason.SIZE_MISMATCH
-        ) from exc
-
-
-async def _attempt_http(download: _Download, client: httpx.AsyncClient) -> None:
-    """One attempt, with httpx's errors mapped to ours at this boundary."""
-    try:
-        await download.run_http(client)
-    except httpx.TimeoutException as exc:
-        reason = Reason.STALLED if isinstance(exc, httpx.ReadTimeout) else Reason.NETWORK_ERROR
-        raise _Retryable(reason) from None
-    except httpx.TransportError as exc:
-        if _is_tls_failure(exc):
-            raise FetchError(
-                "the source's TLS certificate was not trusted", reason=Reason.TLS_ERROR
-            ) from None
-        raise _Retryable(Reason.NETWORK_ERROR) from None
-
-
-async def _run_http(download: _Download, client: httpx.AsyncClient) -> None:
+async def _run_http(download: _Download, lock_fd: int) -> None:
     model = download.model
     attempt = 0
     restarts = 0
     while True:
         try:
-            await _attempt_http(download, client)
+            await _in_thread(lock_fd, partial(_attempt_http, download))
             return
         except _RestartFromZero:
             restarts += 1
             if restarts > 2:
-                raise FetchError(
-                    "the model's bytes do not match the pinned digest and size",
-                    reason=Reason.DIGEST_MISMATCH,
-                ) from None
+                raise FetchError(_NO_MATCH, reason=Reason.DIGEST_MISMATCH) from None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(download.partial)
             _log.info("fetch.restart_from_zero", model=model.name)
@@ -856,16 +893,17 @@ async def verify_model(model: ModelConfig, store_dir: Path) -> VerifiedModel:
     store = ModelStore(store_dir)
     store.ensure()
     blob = store.blob_path(model.sha256)
-    async with _store_lock(store, model.sha256, model.name):
+    async with _store_lock(store, model.sha256, model.name) as lock_fd:
         if not os.path.lexists(blob):
             raise FetchError("the model is not in the store", reason=Reason.MODEL_MISSING)
-        if stat.S_ISREG(os.lstat(blob).st_mode) and await _rehash_blob(store, model):
+        if stat.S_ISREG(os.lstat(blob).st_mode) and await _rehash_blob(store, model, lock_fd):
             store.write_record(model.sha256)
             _log.info("store.verified", model=model.name)
             return store.mint(model)
         store.quarantine(model.sha256)
     raise FetchError(
-        "the stored model does not match the pinned digest and size", reason=Reason.DIGEST_MISMATCH
+        "the stored model does not match the pinned digest and size",
+        reason=Reason.DIGEST_MISMATCH,
     )
 
 

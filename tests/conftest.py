@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+
 from httpsd import LoopbackServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,6 +7,7 @@ should not have, and that no URL, digest or store path appears in the error or t
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import threading
@@ -18,9 +19,9 @@ from typing import Any
 
 import anyio
 import pytest
-from httpsd import Handler, LoopbackServer
 from structlog.testing import capture_logs
 
+from httpsd import Handler, LoopbackServer
 from supervisor.config import ModelConfig
 from supervisor.fetch import (
     FetchError,
@@ -490,7 +491,13 @@ async def test_cancellation_leaves_a_resumable_partial(env: Env) -> None:
             await anyio.sleep(0.3)
             tg.cancel_scope.cancel()
     release.set()
-    partial = ModelStore(env.store_dir).partial_path(env.model().sha256)
+    # The cancelled worker thread keeps the store lock until it has left the partial file
+    # consistent; take the lock as the next download would, then look.
+    store = ModelStore(env.store_dir)
+    lock_fd = os.open(store.lock_path(env.model().sha256), os.O_RDWR)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    os.close(lock_fd)
+    partial = store.partial_path(env.model().sha256)
     kept = partial.stat().st_size
     assert 0 < kept <= sent_first
     assert partial.read_bytes() == env.data[:kept]  # a consistent prefix
