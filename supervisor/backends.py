@@ -36,6 +36,7 @@ __all__ = [
     "child_environment",
     "free_loopback_port",
     "new_api_key",
+    "prepare_launch",
 ]
 
 #: The supervisor's own environment variables the child inherits; nothing else is passed on

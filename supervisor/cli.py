@@ -9,6 +9,7 @@ path under the store, the digest, a token or a key.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from supervisor.errors import SupervisorError
 from supervisor.fetch import FetchProgress, fetch_model, verify_model
 from supervisor.logging import configure_logging, get_logger
 from supervisor.policy import Reason
+from supervisor.runtime import ChildError, Supervisor
 
 __all__ = [
     "EXIT_CHILD",
@@ -30,6 +32,7 @@ __all__ = [
     "EXIT_INTEGRITY",
     "EXIT_OK",
     "EXIT_USAGE",
+    "ProgressPrinter",
     "exit_code_for",
     "main",
 ]
@@ -134,12 +137,49 @@ def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _serve(config: Config) -> int:
+    printer = ProgressPrinter(config.model.name, sys.stderr)
+    try:
+        model = await fetch_model(config.model, config.store.dir, on_progress=printer)
+    finally:
+        printer.done()
+    supervisor = Supervisor(config, model)
+    async with anyio.create_task_group() as tg:
+
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    _log.info("serve.signal", signal=signal.Signals(signum).name)
+                    supervisor.request_shutdown()
+
+        async def announce() -> None:
+            await supervisor.wait_ready()
+            print(f"{config.model.name} ready", flush=True)
+
+        tg.start_soon(on_signals)
+        tg.start_soon(announce)
+        try:
+            await supervisor.run()
+        finally:
+            tg.cancel_scope.cancel()
+    return EXIT_OK
+
+
+def _cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    try:
+        return anyio.run(_serve, config)
+    except ChildError as error:
+        print(f"error: {error.reason.value}: {error.message}", file=sys.stderr)
+        return EXIT_CHILD
+
+
 def _cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     print(render_config(config), end="")
     return EXIT_OK
 
 
 _COMMANDS: Final[dict[str, tuple[str, Callable[[Config, argparse.Namespace], int]]]] = {
+    "serve": ("fetch and verify the model, run and supervise the server", _cmd_serve),
     "fetch": ("download (or copy) and verify the model into the store", _cmd_fetch),
     "verify": ("re-hash the stored model in full (exit 0, or 3 and quarantine)", _cmd_verify),
     "check-config": ("validate a config and print it, secrets masked", _cmd_check_config),

@@ -34,6 +34,7 @@ from supervisor.policy import (
 
 __all__ = [
     "AdmissionConfig",
+    "BACKEND_KINDS",
     "BackendConfig",
     "Config",
     "ConfigError",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from supervisor.policy import Reason
 
-__all__ = ["SupervisorError"]
+__all__ = [
+    "SupervisorError",
+]
 
 
 class SupervisorError(Exception):

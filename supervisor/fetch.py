@@ -84,7 +84,7 @@ _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 _RECORD_VERSION: Final = 1
 
 _log = get_logger("fetch")
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 class FetchError(SupervisorError):
@@ -307,7 +307,7 @@ async def _store_lock(store: ModelStore, digest: str, name: str) -> AsyncIterato
         os.close(fd)
 
 
-async def _in_thread(lock_fd: int, work: Callable[[threading.Event], T]) -> T:
+async def _in_thread(lock_fd: int, work: Callable[[threading.Event], _T]) -> _T:
     """Run blocking ``work(stop)`` in a worker thread that holds the store lock while it runs.
 
     On cancellation the caller returns at once and sets ``stop``; the thread notices it at its
@@ -317,7 +317,7 @@ async def _in_thread(lock_fd: int, work: Callable[[threading.Event], T]) -> T:
     stop = threading.Event()
     held = os.dup(lock_fd)
 
-    def run() -> T:
+    def run() -> _T:
         try:
             return work(stop)
         finally:

@@ -20,8 +20,8 @@ from typing import Any, Final, TextIO
 import structlog
 
 __all__ = [
-    "REDACTED",
     "EventRateLimiter",
+    "REDACTED",
     "configure_logging",
     "forget_secret",
     "get_logger",

@@ -47,12 +47,14 @@ __all__ = [
     "create_resource_limits",
     "evaluate_admission",
     "evaluate_resource_limits",
+    "evaluate_restart",
     "evaluate_runtime_request",
     "normalize_sha256",
     "record_dequeued",
     "record_in_flight",
     "record_queued",
     "record_released",
+    "restart_backoff",
     "transition_lifecycle",
     "validate_allowlist",
     "validate_integrity_spec",
@@ -105,6 +107,13 @@ class Reason(StrEnum):
     DISK_FULL = "disk_full"
     STORE_ERROR = "store_error"
     MODEL_MISSING = "model_missing"
+    # the child
+    NOT_VERIFIED = "not_verified"
+    SPAWN_FAILED = "spawn_failed"
+    CHILD_EXITED = "child_exited"
+    START_TIMEOUT = "start_timeout"
+    UNHEALTHY = "unhealthy"
+    RESTART_LIMIT = "restart_limit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,6 +648,38 @@ def _lifecycle_verdict(lifecycle: object) -> Verdict:
     if isinstance(lifecycle, Lifecycle) and lifecycle.state is LifecycleState.DRAINING:
         return _deny(Reason.DRAINING)
     return _deny(Reason.NOT_READY)
+
+
+# ----------------------------------------------------------------------------------------------
+# restarts
+
+
+def evaluate_restart(
+    restart_times: object, now: object, *, max_restarts: object, window_s: object
+) -> Verdict:
+    """May the child be restarted once more? Denied (RESTART_LIMIT) when ``max_restarts``
+    restarts already happened within the last ``window_s`` seconds, as OTP's restart intensity.
+    Never raises; junk denies."""
+    if not _is_number(now) or not _is_int(max_restarts) or not _is_number(window_s):
+        return _deny(Reason.MALFORMED_INPUT)
+    if not isinstance(restart_times, list | tuple) or not all(_is_number(t) for t in restart_times):
+        return _deny(Reason.MALFORMED_INPUT)
+    recent = sum(1 for t in restart_times if now - t < window_s)
+    if recent >= max_restarts:  # type: ignore[operator]
+        return _deny(Reason.RESTART_LIMIT)
+    return _OK
+
+
+def restart_backoff(failures: int, *, initial_s: float, max_s: float, jitter: float) -> float:
+    """Seconds to wait before restart number ``failures`` (1, 2, ...) in a row.
+
+    Exponential from ``initial_s``, capped at ``max_s``, with "equal jitter": the delay lies in
+    [base/2, base] for ``jitter`` in [0, 1], so consecutive delays never shrink.
+    """
+    if failures < 1 or not all(math.isfinite(v) for v in (initial_s, max_s, jitter)):
+        raise ValueError("failures must be >= 1 and the times finite")
+    base = min(max_s, initial_s * 2.0 ** min(failures - 1, 62))
+    return base * (0.5 + 0.5 * min(max(jitter, 0.0), 1.0))
 
 
 # ----------------------------------------------------------------------------------------------

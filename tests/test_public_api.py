@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
@@ -13,15 +14,32 @@ import supervisor
 
 
 def _defined_public_names(module: ModuleType) -> set[str]:
+    """Classes and functions defined in the module, and UPPER_CASE constants assigned at its
+    top level (read from its source, since a constant does not know where it was made)."""
     names = set()
     for name, value in vars(module).items():
         if name.startswith("_") or inspect.ismodule(value):
             continue
-        if inspect.isclass(value) or inspect.isfunction(value):
-            if value.__module__ == module.__name__:
-                names.add(name)
-        elif name.isupper():  # module constants
+        if (inspect.isclass(value) or inspect.isfunction(value)) and (
+            value.__module__ == module.__name__
+        ):
             names.add(name)
+    tree = ast.parse(inspect.getsource(module))
+    for node in tree.body:
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign)
+            else []
+        )
+        for target in targets:
+            if (
+                isinstance(target, ast.Name)
+                and target.id.isupper()
+                and not target.id.startswith("_")
+            ):
+                names.add(target.id)
     return names
 
 
