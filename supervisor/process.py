@@ -112,6 +112,7 @@ class ChildProcess:
         self._tail: deque[str] = deque()
         self._tail_chars = 0
         self._pump_done = anyio.Event()
+        self._output = anyio.Event()
         self.started_at = time.monotonic()
         self.last_output_at = self.started_at
         self.stopping = False
@@ -131,6 +132,11 @@ class ChildProcess:
     def tail(self) -> str:
         """The last few KiB of the child's output, the API key redacted."""
         return "".join(self._tail)
+
+    async def wait_output(self) -> None:
+        """Until the child writes something (the runtime probes right after: llama.cpp logs as
+        it becomes ready, so readiness is seen in milliseconds without fast polling)."""
+        await self._output.wait()
 
     async def wait(self) -> int:
         """Until the child exits; its exit code (negative: killed by that signal)."""
@@ -175,6 +181,8 @@ class ChildProcess:
         try:
             async for data in stream:
                 self.last_output_at = time.monotonic()
+                self._output.set()
+                self._output = anyio.Event()
                 pending += data
                 *lines, pending = pending.split(b"\n")
                 if len(pending) > MAX_LINE_CHARS * 4:  # a runaway line: cut it here

@@ -103,6 +103,18 @@ async def _no_drain(_timeout_s: float) -> bool:
     return True
 
 
+async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return as soon as any of ``waits`` returns."""
+    async with anyio.create_task_group() as tg:
+
+        async def one(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            tg.cancel_scope.cancel()
+
+        for wait in waits:
+            tg.start_soon(one, wait)
+
+
 class Supervisor:
     """Keeps one llama.cpp child alive on a verified model. Run it with :meth:`run`."""
 
@@ -348,8 +360,10 @@ class Supervisor:
             while True:
                 if self._shutdown.is_set():
                     return _End.SHUTDOWN
+                # Probe at the next scheduled time, or as soon as the child writes a line (it
+                # logs as it becomes ready); a restart request waits for READY.
                 with anyio.move_on_after(next(delays, health.interval_s)):
-                    await self._shutdown.wait()  # a restart request waits for READY
+                    await _first_of(self._shutdown.wait, child.wait_output)
                 if self._shutdown.is_set():
                     return _End.SHUTDOWN
                 if await probe_once(client, self.backend, launch) is ProbeOutcome.READY:

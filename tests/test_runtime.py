@@ -93,7 +93,11 @@ async def completion(supervisor: Supervisor) -> dict[str, Any]:
 
 
 def llama_server_config(tmp_path: Path, binary: str, **sections: dict[str, Any]) -> Config:
-    backend = {"kind": "llama-server", "command": binary, "args": ["--ctx-size", "512", "--threads", "1"]}
+    backend = {
+        "kind": "llama-server",
+        "command": binary,
+        "args": ["--ctx-size", "512", "--threads", "1"],
+    }
     return make_config(tmp_path, backend={**backend, **sections.pop("backend", {})}, **sections)
 
 
@@ -105,14 +109,16 @@ def fake_config(tmp_path: Path, mode: str, **sections: dict[str, Any]) -> Config
 # -- both backends: start, ready, one completion, stop -------------------------------------------
 
 
-async def test_llama_server_start_ready_complete_stop(tmp_path: Path, llama_server_bin: str) -> None:
+async def test_llama_server_start_ready_complete_stop(
+    tmp_path: Path, llama_server_bin: str
+) -> None:
     config = llama_server_config(tmp_path, llama_server_bin)
     supervisor = Supervisor(config, await verified(config))
     with capture_logs() as logs:
         async with running(supervisor):
             with anyio.fail_after(30):
                 await supervisor.wait_ready()
-            assert supervisor.state is LifecycleState.READY
+            assert supervisor.state.value == "ready"
             child = supervisor.child
             assert child is not None
             pid = child.pid
@@ -121,7 +127,9 @@ async def test_llama_server_start_ready_complete_stop(tmp_path: Path, llama_serv
             assert len(result["choices"]) == 1
     assert supervisor.state is LifecycleState.STOPPED
     assert gone(pid)
-    transitions = [(e["from_state"], e["to_state"]) for e in logs if e["event"] == "lifecycle.transition"]
+    transitions = [
+        (e["from_state"], e["to_state"]) for e in logs if e["event"] == "lifecycle.transition"
+    ]
     assert transitions == [
         ("stopped", "starting"),
         ("starting", "ready"),
@@ -166,7 +174,9 @@ async def test_kill_9_while_ready_restarts(tmp_path: Path, llama_server_bin: str
             assert supervisor.child is not None
             first = supervisor.child.pid
             os.kill(first, signal.SIGKILL)
-            await wait_for(lambda: supervisor.spawns == 2 and supervisor.state is LifecycleState.READY)
+            await wait_for(
+                lambda: supervisor.spawns == 2 and supervisor.state is LifecycleState.READY
+            )
             assert supervisor.child is not None
             assert supervisor.child.pid != first
             assert gone(first)
@@ -192,19 +202,29 @@ async def test_sigstop_fails_probes_and_restarts(tmp_path: Path, llama_server_bi
             assert supervisor.child is not None
             hung = supervisor.child.pid
             os.kill(hung, signal.SIGSTOP)
-            await wait_for(lambda: supervisor.spawns == 2 and supervisor.state is LifecycleState.READY)
+            await wait_for(
+                lambda: supervisor.spawns == 2 and supervisor.state is LifecycleState.READY
+            )
             assert gone(hung)
     events = [e["event"] for e in logs]
     assert events.count("child.health_failed") >= 2
-    unhealthy = [e for e in logs if e["event"] == "lifecycle.transition" and e.get("reason") == "unhealthy"]
-    assert unhealthy and unhealthy[0]["from_state"] == "ready"
+    unhealthy = [
+        e for e in logs if e["event"] == "lifecycle.transition" and e.get("reason") == "unhealthy"
+    ]
+    assert unhealthy
+    assert unhealthy[0]["from_state"] == "ready"
 
 
 async def test_child_exiting_at_once_backs_off_then_gives_up(tmp_path: Path) -> None:
     config = fake_config(
         tmp_path,
         "exit",
-        restart={"max_restarts": 3, "window_s": 60.0, "backoff_initial_s": 0.05, "backoff_max_s": 1.0},
+        restart={
+            "max_restarts": 3,
+            "window_s": 60.0,
+            "backoff_initial_s": 0.05,
+            "backoff_max_s": 1.0,
+        },
     )
     supervisor = Supervisor(config, await verified(config))
     with capture_logs() as logs:
@@ -237,7 +257,8 @@ async def test_child_ignoring_sigterm_is_killed_after_the_grace(tmp_path: Path) 
             pid = supervisor.child.pid
     assert gone(pid)
     kills = [e for e in logs if e["event"] == "child.kill"]
-    assert kills and kills[0]["grace_s"] == 0.3
+    assert kills
+    assert kills[0]["grace_s"] == 0.3
     reaped = [e for e in logs if e["event"] == "child.reaped"]
     assert reaped[-1]["returncode"] == -signal.SIGKILL
 
@@ -256,7 +277,11 @@ async def test_start_stall_timer_gives_up_on_a_silent_child(tmp_path: Path) -> N
     assert errors[0].reason == Reason.RESTART_LIMIT  # type: ignore[attr-defined]
     events = [e["event"] for e in logs]
     assert "child.start_stalled" in events
-    stalled = [e for e in logs if e["event"] == "lifecycle.transition" and e.get("reason") == "start_timeout"]
+    stalled = [
+        e
+        for e in logs
+        if e["event"] == "lifecycle.transition" and e.get("reason") == "start_timeout"
+    ]
     assert stalled[0]["from_state"] == "starting"
 
 
@@ -274,9 +299,10 @@ async def test_child_environment_is_explicit_and_key_is_redacted(
         async with running(supervisor):
             with anyio.fail_after(30):
                 await supervisor.wait_ready()
-            assert supervisor.child is not None and supervisor.upstream is not None
+            assert supervisor.child is not None
+            assert supervisor.upstream is not None
             key = supervisor.upstream.api_key
-            await wait_for(lambda: "fake key:" in supervisor.child.tail())  # type: ignore[union-attr]
+            await wait_for(lambda: "fake key:" in supervisor.child.tail())
             tail = supervisor.child.tail()
     assert key not in tail
     assert "fake key: <redacted>" in tail
@@ -354,7 +380,16 @@ stop_grace_s = 5.0
 
 def start_serve(config: Path) -> tuple[subprocess.Popen[str], int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor", "--log-format", "json", "serve", "--config", str(config)],
+        [
+            sys.executable,
+            "-m",
+            "supervisor",
+            "--log-format",
+            "json",
+            "serve",
+            "--config",
+            str(config),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -379,14 +414,16 @@ def test_supervisor_sigkilled_leaves_no_child(tmp_path: Path, llama_server_bin: 
         except psutil.NoSuchProcess:
             break
         time.sleep(0.01)
-    still_running = psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE
+    still_running = (
+        psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE
+    )
     assert not still_running, "the child outlived its SIGKILLed supervisor by more than 1 s"
 
 
 def test_supervisor_sigterm_drains_and_exits_0(tmp_path: Path, llama_server_bin: str) -> None:
     proc, child = start_serve(write_config_file(tmp_path, llama_server_bin))
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
     events = [line for line in err.splitlines() if '"lifecycle.transition"' in line]
