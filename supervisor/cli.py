@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Final, TextIO
 
 import anyio
+from anyio.abc import TaskStatus
 
 from supervisor import __version__
 from supervisor.config import Config, ConfigError, load_config, render_config
@@ -24,7 +25,7 @@ from supervisor.errors import SupervisorError
 from supervisor.fetch import FetchProgress, fetch_model, verify_model
 from supervisor.logging import configure_logging, get_logger
 from supervisor.policy import Reason
-from supervisor.runtime import ChildError, Supervisor
+from supervisor.runtime import ChildError, Service
 
 __all__ = [
     "EXIT_CHILD",
@@ -139,29 +140,52 @@ def _cmd_verify(config: Config, args: argparse.Namespace) -> int:
 
 async def _serve(config: Config) -> int:
     printer = ProgressPrinter(config.model.name, sys.stderr)
+    fetched = {"bytes": 0}
+
+    def progress(update: FetchProgress) -> None:
+        fetched["bytes"] = update.done_bytes
+        printer(update)
+
     try:
-        model = await fetch_model(config.model, config.store.dir, on_progress=printer)
+        model = await fetch_model(config.model, config.store.dir, on_progress=progress)
     finally:
         printer.done()
-    supervisor = Supervisor(config, model)
-    async with anyio.create_task_group() as tg:
+    service = Service(config, model, fetch_bytes=fetched["bytes"])
+    done = anyio.Event()
 
-        async def on_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    _log.info("serve.signal", signal=signal.Signals(signum).name)
-                    supervisor.request_shutdown()
-
-        async def announce() -> None:
-            await supervisor.wait_ready()
-            print(f"{config.model.name} ready", flush=True)
-
-        tg.start_soon(on_signals)
-        tg.start_soon(announce)
+    async def run_service(*, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         try:
-            await supervisor.run()
+            await service.run(task_status=task_status)
         finally:
+            done.set()
+
+    async def on_signals() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                _log.info("serve.signal", signal=signal.Signals(signum).name)
+                service.request_shutdown()
+
+    async def announce(port: int) -> None:
+        await service.supervisor.wait_ready()
+        host = config.gateway.host
+        shown = f"[{host}]" if ":" in host else host
+        print(f"{config.model.name} ready at http://{shown}:{port}/v1", flush=True)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(on_signals)
+            port = await tg.start(run_service)
+            tg.start_soon(announce, port)
+            await done.wait()
             tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        matched, _rest = group.split(SupervisorError)
+        if matched is None:
+            raise
+        leaf: BaseException = matched
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from None
     return EXIT_OK
 
 
@@ -228,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted: stopped by the user", file=sys.stderr)
         return EXIT_ERROR
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the last line of defence prints no details
         _log.error("cli.failed", error_type=type(error).__name__)
         print("error: internal_error: unexpected failure (see the log)", file=sys.stderr)
         return EXIT_ERROR

@@ -114,6 +114,15 @@ class Reason(StrEnum):
     START_TIMEOUT = "start_timeout"
     UNHEALTHY = "unhealthy"
     RESTART_LIMIT = "restart_limit"
+    # the gateway
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    BODY_TOO_LARGE = "body_too_large"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    BAD_REQUEST = "bad_request"
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +221,7 @@ class _Origin:
 @dataclass(frozen=True, slots=True)
 class _ParsedUrl:
     origin: _Origin
-    path: str  # normalised: dot segments resolved, unreserved escapes decoded, hex uppercased
+    paths: tuple[str, ...]  # every normalised reading (see _normalize_path)
     has_query_or_fragment: bool
 
 
@@ -310,33 +319,9 @@ def _parse_authority(authority: str, *, allow_wildcard: bool) -> _Origin:
     return _Origin(host=host, port=port, wildcard=wildcard)
 
 
-def _normalize_path(raw: str) -> str:
-    if not raw:
-        return "/"
-    if any(ch not in _PATH_CHARS for ch in raw):
-        raise _UrlRefused(Reason.MALFORMED_INPUT)
-    # Every "%" must start a valid escape; decode the unreserved ones ("%2e" is ".", "%41" is
-    # "A"), uppercase the rest, and refuse escapes that hide a separator.
-    parts: list[str] = []
-    pos = 0
-    while pos < len(raw):
-        ch = raw[pos]
-        if ch != "%":
-            parts.append(ch)
-            pos += 1
-            continue
-        match = _PCT.match(raw, pos)
-        if match is None:
-            raise _UrlRefused(Reason.MALFORMED_INPUT)
-        hex_code = match.group(1).upper()
-        if hex_code in _FORBIDDEN_ESCAPES:
-            raise _UrlRefused(Reason.MALFORMED_INPUT)
-        decoded = chr(int(hex_code, 16))
-        parts.append(decoded if decoded in _UNRESERVED else "%" + hex_code)
-        pos += 3
-    path = "".join(parts)
-    # RFC 3986 section 5.2.4, segment-wise: "." is dropped, ".." removes the previous segment and
-    # never climbs above the root.
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 section 5.2.4, segment-wise: "." is dropped, ".." removes the previous segment
+    and never climbs above the root."""
     segments = path.split("/")[1:]
     out: list[str] = []
     for index, segment in enumerate(segments):
@@ -352,6 +337,46 @@ def _normalize_path(raw: str) -> str:
         else:
             out.append(segment)
     return "/" + "/".join(out)
+
+
+def _normalize_path(raw: str) -> tuple[str, ...]:
+    """Every reading of the path a server might make, normalised.
+
+    Escapes of unreserved characters are decoded ("%41" is "A"), the rest uppercased; escapes
+    that hide a separator are refused. Whether "%2e" is a dot differs between parsers (WHATWG and
+    many servers say yes, httpx and others no), so both readings are returned and a URL must be
+    allowed under each.
+    """
+    if not raw:
+        return ("/",)
+    if any(ch not in _PATH_CHARS for ch in raw):
+        raise _UrlRefused(Reason.MALFORMED_INPUT)
+    decoded_dots: list[str] = []
+    literal_dots: list[str] = []
+    pos = 0
+    while pos < len(raw):
+        ch = raw[pos]
+        if ch != "%":
+            decoded_dots.append(ch)
+            literal_dots.append(ch)
+            pos += 1
+            continue
+        match = _PCT.match(raw, pos)
+        if match is None:
+            raise _UrlRefused(Reason.MALFORMED_INPUT)
+        hex_code = match.group(1).upper()
+        if hex_code in _FORBIDDEN_ESCAPES:
+            raise _UrlRefused(Reason.MALFORMED_INPUT)
+        char = chr(int(hex_code, 16))
+        decoded_dots.append(char if char in _UNRESERVED else "%" + hex_code)
+        literal_dots.append(char if char in _UNRESERVED and char != "." else "%" + hex_code)
+        pos += 3
+    readings = {"".join(decoded_dots), "".join(literal_dots)}
+    if any("//" in path for path in readings):
+        # Empty segments: RFC 3986 keeps them, servers that merge slashes (nginx's default) drop
+        # them, and "/a//.." then means "/a/" to one and "/" to the other. Refuse.
+        raise _UrlRefused(Reason.MALFORMED_INPUT)
+    return tuple(sorted({_remove_dot_segments(path) for path in readings}))
 
 
 def _parse_https_url(url: object, *, allow_wildcard: bool) -> _ParsedUrl:
@@ -381,8 +406,8 @@ def _parse_https_url(url: object, *, allow_wildcard: bool) -> _ParsedUrl:
         found = tail.find(delimiter)
         if 0 <= found < path_end:
             path_end = found
-    path = _normalize_path(tail[:path_end])
-    return _ParsedUrl(origin=origin, path=path, has_query_or_fragment=path_end < len(tail))
+    paths = _normalize_path(tail[:path_end])
+    return _ParsedUrl(origin=origin, paths=paths, has_query_or_fragment=path_end < len(tail))
 
 
 def _parse_allowlist(allowed: object) -> tuple[_ParsedUrl, ...]:
@@ -408,7 +433,7 @@ def validate_allowlist(allowed_source_urls: object) -> Verdict:
         _parse_allowlist(allowed_source_urls)
     except _UrlRefused as refused:
         return _deny(refused.reason)
-    except Exception:  # fail closed on anything unforeseen
+    except Exception:  # noqa: BLE001 - fail closed on anything unforeseen
         return _deny(Reason.MALFORMED_INPUT)
     return _OK
 
@@ -437,13 +462,17 @@ def validate_source_url(url: object, allowed_source_urls: object) -> Verdict:
         prefixes = _parse_allowlist(allowed_source_urls)
     except _UrlRefused as refused:
         return _deny(refused.reason)
-    except Exception:  # fail closed on anything unforeseen
+    except Exception:  # noqa: BLE001 - fail closed on anything unforeseen
         return _deny(Reason.MALFORMED_INPUT)
     for prefix in prefixes:
         if (
             _host_matches(parsed.origin.host, prefix.origin)
             and parsed.origin.port == prefix.origin.port
-            and _path_under(parsed.path, prefix.path)
+            and all(
+                _path_under(path, prefix_path)
+                for path in parsed.paths
+                for prefix_path in prefix.paths
+            )
         ):
             return _OK
     return _deny(Reason.SOURCE_NOT_ALLOWED)
@@ -860,5 +889,5 @@ def evaluate_runtime_request(
         if not verdict.ok:
             return verdict
         return evaluate_admission(admission)
-    except Exception:  # fail closed on anything unforeseen
+    except Exception:  # noqa: BLE001 - fail closed on anything unforeseen
         return _deny(Reason.MALFORMED_INPUT)

@@ -22,21 +22,25 @@ The loop, per child:
 from __future__ import annotations
 
 import enum
+import os
 import random
 import shutil
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import anyio.abc
+from prometheus_client import CollectorRegistry
 
+from supervisor.admission import AdmissionGate
 from supervisor.backends import Backend, ChildLaunch, ProbeOutcome, backend_for, prepare_launch
 from supervisor.config import Config
 from supervisor.errors import SupervisorError
 from supervisor.fetch import FetchError, VerifiedModel
+from supervisor.gateway import Gateway, load_tokens
 from supervisor.health import probe_client, probe_once, starting_delays
 from supervisor.logging import get_logger
 from supervisor.policy import (
@@ -50,9 +54,11 @@ from supervisor.policy import (
     transition_lifecycle,
 )
 from supervisor.process import ChildProcess, SpawnError, open_child
+from supervisor.watchdog import PsutilSampler, Sampler, Watchdog
 
 __all__ = [
     "ChildError",
+    "Service",
     "Supervisor",
     "Upstream",
 ]
@@ -75,8 +81,13 @@ class ChildError(SupervisorError):
 class Upstream:
     """Where the ready child listens and the key it requires (a secret: never log it)."""
 
-    base_url: str
+    host: str
+    port: int
     api_key: str
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
 
     def __repr__(self) -> str:
         return "Upstream(...)"
@@ -376,7 +387,7 @@ class Supervisor:
                         silent_s=round(silent_for, 3),
                     )
                     return _End.START_TIMEOUT
-            self.upstream = Upstream(launch.base_url, launch.api_key)
+            self.upstream = Upstream("127.0.0.1", launch.port, launch.api_key)
             self._transition(LifecycleEvent.HEALTH_OK)
             _log.info(
                 "child.ready",
@@ -419,3 +430,111 @@ class Supervisor:
             timeout_s=timeout,
         )
         return end
+
+
+class Service:
+    """Everything ``serve`` runs, in one task group: the supervisor, the admission gate, the
+    resource watchdog and the gateway. It is the gateway's view of the runtime."""
+
+    def __init__(
+        self,
+        config: Config,
+        model: VerifiedModel,
+        *,
+        sampler: Sampler | None = None,
+        tokens: tuple[bytes, ...] | None = None,
+        fetch_bytes: int = 0,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.started_at = time.monotonic()
+        self.fetch_bytes = fetch_bytes
+        self.gate = AdmissionGate(
+            max_in_flight=config.admission.max_in_flight,
+            queue_bound=config.admission.queue_bound,
+            queue_timeout_s=config.admission.queue_timeout_s,
+            lifecycle=lambda: self.supervisor.lifecycle,
+            observation=lambda: self.watchdog.observation(),
+            limits=lambda: self.watchdog.effective_limits(),
+        )
+        self.supervisor = Supervisor(config, model, drain_waiter=self.gate.wait_idle)
+        self.supervisor.add_state_listener(self._on_state)
+        self.watchdog = Watchdog(
+            config.limits,
+            sampler if sampler is not None else PsutilSampler(),
+            child_pid=lambda: self.supervisor.child.pid if self.supervisor.child else None,
+            request_restart=self.supervisor.request_restart,
+        )
+        if tokens is None:
+            tokens = load_tokens(os.environ.get(config.gateway.tokens_env))
+        self.gateway = Gateway(
+            config=config.gateway,
+            gate=self.gate,
+            view=self,
+            backend=self.supervisor.backend,
+            tokens=tokens,
+            registry=registry,
+        )
+
+    # -- the gateway's view ---------------------------------------------------------------------
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self.supervisor.lifecycle
+
+    @property
+    def upstream_target(self) -> tuple[str, int, str] | None:
+        upstream = self.supervisor.upstream
+        if upstream is None:
+            return None
+        return (upstream.host, upstream.port, upstream.api_key)
+
+    @property
+    def stop_reason(self) -> Reason | None:
+        return self.supervisor.stop_reason
+
+    def refusing_reason(self) -> Reason | None:
+        return self.watchdog.refusing
+
+    def status(self) -> dict[str, Any]:
+        sample = self.watchdog.sample
+        model = self.supervisor.model
+        return {
+            "state": self.supervisor.state.value,
+            "model": model.name,
+            "sha256": model.short_digest,
+            "backend": self.supervisor.backend.kind,
+            "restarts": self.supervisor.restarts,
+            "stop_reason": self.stop_reason.value if self.stop_reason else None,
+            "refusing": self.watchdog.refusing.value if self.watchdog.refusing else None,
+            "resources": sample.as_dict() if sample is not None else None,
+            "watchdog_actions": dict(self.watchdog.actions),
+            "fetch_bytes": self.fetch_bytes,
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+        }
+
+    def _on_state(self, lifecycle: Lifecycle) -> None:
+        if lifecycle.state is LifecycleState.DRAINING:
+            self.gate.refuse_queue(Reason.DRAINING)
+
+    # -- running --------------------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        self.supervisor.request_shutdown()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until shutdown; ``task_status.started(port)`` once the gateway listens.
+        Raises :class:`ChildError` when the child cannot be kept running."""
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(self.gateway.serve)
+            task_status.started(port)
+            tg.start_soon(self.watchdog.run)
+            try:
+                await self.supervisor.run()
+            except ChildError:
+                self.gate.refuse_queue(self.supervisor.stop_reason or Reason.RESTART_LIMIT)
+                raise
+            finally:
+                tg.cancel_scope.cancel()

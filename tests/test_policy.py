@@ -159,6 +159,8 @@ URL_TABLE: list[tuple[object, Reason]] = [
     ("https://models.example.com/models/a%.gguf", BAD),
     ("https://models.example.com/models/a%2.gguf", BAD),
     ("https://models.example.com/models/<a>.gguf", BAD),
+    ("https://models.example.com/models//../../secret", BAD),  # merged slashes differ
+    ("https://models.example.com/models//a.gguf", BAD),
     ("https://models.example.com/models/a|b.gguf", BAD),
     # not a str
     (None, BAD),

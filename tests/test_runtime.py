@@ -373,6 +373,8 @@ args = ["--ctx-size", "512", "--threads", "1"]
 interval_s = 0.2
 [restart]
 stop_grace_s = 5.0
+[gateway]
+port = 0
 """
     )
     return path
@@ -395,8 +397,10 @@ def start_serve(config: Path) -> tuple[subprocess.Popen[str], int]:
         text=True,
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline()  # "<name> ready"
-    assert line.strip() == "tiny-llama ready", proc.stderr.read() if proc.stderr else ""
+    line = proc.stdout.readline()  # "<name> ready at http://127.0.0.1:<port>/v1"
+    assert line.startswith("tiny-llama ready at http://127.0.0.1:"), (
+        proc.stderr.read() if proc.stderr else ""
+    )
     children = psutil.Process(proc.pid).children()
     assert len(children) == 1
     return proc, children[0].pid
