@@ -227,8 +227,13 @@ class AdmissionGate:
         future: asyncio.Future[tuple[Verdict, float]] = asyncio.get_running_loop().create_future()
 
         def granted(result: Verdict, waited: float) -> None:
-            if not future.done():
-                future.set_result((result, waited))
+            if future.done():
+                # The waiting task was cancelled (which cancels this future at once) but has not
+                # run its handler yet: pass the slot straight on instead of leaking it.
+                if result.ok:
+                    self.release()
+                return
+            future.set_result((result, waited))
 
         ticket = self.enqueue(granted)
         if isinstance(ticket, Verdict):
@@ -236,10 +241,11 @@ class AdmissionGate:
         try:
             result, waited = await future
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled() and future.result()[0].ok:
-                self.release()  # granted just as we were cancelled: pass the slot on
+            if future.done() and not future.cancelled():
+                if future.result()[0].ok:
+                    self.release()  # granted just as we were cancelled: pass the slot on
             else:
-                ticket.cancel()
+                ticket.cancel()  # still waiting: leave the queue (a no-op once granted)
             raise
         if not result.ok:
             raise AdmissionRefused(Reason(result.reason))

@@ -22,6 +22,7 @@ asyncio protocol with llhttp (httptools) on both sides, and no framework in betw
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import hmac
@@ -36,13 +37,13 @@ from typing import Any, Final, Protocol
 import anyio
 import anyio.abc
 import httptools
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from supervisor.admission import AdmissionGate, Ticket
@@ -150,18 +151,20 @@ def _response(
     return b"\r\n".join(lines) + b"\r\n\r\n" + (b"" if head_only else body)
 
 
-_ERROR_CACHE: dict[tuple[Reason, bool], bytes] = {}
+_ERROR_CACHE: dict[tuple[Reason, bool, bool], bytes] = {}
 
 
-def _error_response(reason: Reason, *, keep_alive: bool = True) -> bytes:
-    key = (reason, keep_alive)
+def _error_response(reason: Reason, *, keep_alive: bool = True, head_only: bool = False) -> bytes:
+    key = (reason, keep_alive, head_only)
     cached = _ERROR_CACHE.get(key)
     if cached is None:
         status, _kind, _message, retry = _REFUSALS.get(reason, _REFUSALS[Reason.MALFORMED_INPUT])
         extra = [(b"Retry-After", str(retry).encode())] if retry is not None else []
         if reason is Reason.UNAUTHORIZED:
             extra.append((b"WWW-Authenticate", b"Bearer"))
-        cached = _response(status, error_body(reason), keep_alive=keep_alive, extra=extra)
+        cached = _response(
+            status, error_body(reason), keep_alive=keep_alive, extra=extra, head_only=head_only
+        )
         _ERROR_CACHE[key] = cached
     return cached
 
@@ -212,77 +215,88 @@ class RuntimeView(Protocol):
 # metrics
 
 
-class GatewayMetrics:
-    """Prometheus metrics, cheap on the hot path: label children are cached."""
+class _Histogram:
+    """A histogram without locks: the gateway's event loop is its only writer."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        self.requests = Counter(
-            "llama_supervisor_requests",
-            "Requests answered, by route and status.",
-            ["route", "status"],
-            registry=registry,
-        )
-        self.refusals = Counter(
-            "llama_supervisor_refusals",
-            "Requests refused by the gateway, by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self.queue_wait = Histogram(
-            "llama_supervisor_queue_wait_seconds",
-            "Time requests waited in the admission queue.",
-            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60),
-            registry=registry,
-        )
-        self.upstream_latency = Histogram(
-            "llama_supervisor_upstream_latency_seconds",
-            "Time from sending a request to the child to the end of its answer.",
-            ["route"],
-            buckets=(
-                0.001,
-                0.0025,
-                0.005,
-                0.01,
-                0.025,
-                0.05,
-                0.1,
-                0.25,
-                0.5,
-                1,
-                2.5,
-                5,
-                10,
-                30,
-                60,
-                120,
-            ),
-            registry=registry,
-        )
-        self._request_children: dict[tuple[str, int], Any] = {}
-        self._refusal_children: dict[Reason, Any] = {}
-        self._latency_children: dict[str, Any] = {}
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            running += count
+            out.append((repr(float(bound)), running))
+        out.append(("+Inf", self.count))
+        return out
+
+
+_QUEUE_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
+_LATENCY_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+)  # fmt: skip
+
+
+class GatewayMetrics(Collector):
+    """Request metrics kept as plain numbers on the hot path (one event loop writes them) and
+    rendered into Prometheus families, by prometheus_client, at scrape time."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.refusals: dict[Reason, int] = {}
+        self.queue_wait = _Histogram(_QUEUE_BUCKETS)
+        self.upstream_latency: dict[str, _Histogram] = {}
 
     def count(self, route: str, status: int) -> None:
-        child = self._request_children.get((route, status))
-        if child is None:
-            child = self.requests.labels(route, str(status))
-            self._request_children[(route, status)] = child
-        child.inc()
+        key = (route, status)
+        self.requests[key] = self.requests.get(key, 0) + 1
 
     def refused(self, reason: Reason) -> None:
-        child = self._refusal_children.get(reason)
-        if child is None:
-            child = self.refusals.labels(reason.value)
-            self._refusal_children[reason] = child
-        child.inc()
+        self.refusals[reason] = self.refusals.get(reason, 0) + 1
 
     def latency(self, route: str, seconds: float) -> None:
-        child = self._latency_children.get(route)
-        if child is None:
-            child = self.upstream_latency.labels(route)
-            self._latency_children[route] = child
-        child.observe(seconds)
+        histogram = self.upstream_latency.get(route)
+        if histogram is None:
+            histogram = self.upstream_latency[route] = _Histogram(_LATENCY_BUCKETS)
+        histogram.observe(seconds)
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "llama_supervisor_requests",
+            "Requests answered, by route and status.",
+            labels=["route", "status"],
+        )
+        for (route, status), value in sorted(self.requests.items()):
+            requests.add_metric([route, str(status)], value)
+        refusals = CounterMetricFamily(
+            "llama_supervisor_refusals",
+            "Requests refused by the gateway, by reason.",
+            labels=["reason"],
+        )
+        for reason, value in sorted(self.refusals.items()):
+            refusals.add_metric([reason.value], value)
+        wait = HistogramMetricFamily(
+            "llama_supervisor_queue_wait_seconds", "Time requests waited in the admission queue."
+        )
+        wait.add_metric([], self.queue_wait.buckets(), self.queue_wait.total)
+        latency = HistogramMetricFamily(
+            "llama_supervisor_upstream_latency_seconds",
+            "Time from sending a request to the child to the end of its answer.",
+            labels=["route"],
+        )
+        for route, histogram in sorted(self.upstream_latency.items()):
+            latency.add_metric([route], histogram.buckets(), histogram.total)
+        yield from (requests, refusals, wait, latency)
 
 
 class _RuntimeCollector(Collector):
@@ -373,7 +387,7 @@ class _Request:
         self.received_at = 0.0
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Exchange:
     """One proxied request in flight."""
 
@@ -381,10 +395,10 @@ class _Exchange:
     request: _Request
     route: str
     started: float
+    deadline: float
     upstream: _UpstreamConnection | None = None
     sent_bytes: int = 0
     status: int = 0
-    timer: asyncio.TimerHandle | None = None
     reused: bool = False
     retried: bool = False
     finished: bool = False
@@ -402,6 +416,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.closed = False
         self._complete = False
+        self._keep_alive = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -433,7 +448,7 @@ class _UpstreamConnection(asyncio.Protocol):
             return
         if self._complete:
             self.exchange = None
-            if self.parser.should_keep_alive():
+            if self._keep_alive:
                 self.pool.put(self)
             else:
                 self.abort()
@@ -446,6 +461,8 @@ class _UpstreamConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._complete = True
+        # Read it now: llhttp forgets the connection's keep-alive once the message is done.
+        self._keep_alive = self.parser.should_keep_alive()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -473,6 +490,29 @@ class _UpstreamPool:
         self.target: tuple[str, int, str] | None = None
         self.generation = 0
         self.prefix = b""
+        self.connecting = 0
+
+    def ensure_spare(self) -> None:
+        """Keep one connection open and idle: llama-server closes its connection after every
+        stream, and a connect on the request's path costs a round trip."""
+        if self.target is None or self.idle or self.connecting:
+            return
+        host, port, _key = self.target
+        generation = self.generation
+        loop = asyncio.get_running_loop()
+        self.connecting += 1
+        task = loop.create_task(
+            loop.create_connection(lambda: _UpstreamConnection(self, generation), host, port)
+        )
+
+        def connected(
+            done: asyncio.Task[tuple[asyncio.BaseTransport, _UpstreamConnection]],
+        ) -> None:
+            self.connecting -= 1
+            if not done.cancelled() and done.exception() is None:
+                self.put(done.result()[1])
+
+        task.add_done_callback(connected)
 
     def retarget(self, target: tuple[str, int, str] | None) -> None:
         if target == self.target:
@@ -681,15 +721,15 @@ class _ClientConnection(asyncio.Protocol):
     def start_exchange(self, request: _Request, route: str, waited: float) -> None:
         """Holding a slot: send the request to the child."""
         gateway = self.gateway
-        exchange = _Exchange(self, request, route, time.monotonic())
+        now = time.monotonic()
+        exchange = _Exchange(self, request, route, now, now + gateway.config.upstream_timeout_s)
         self.exchange = exchange
         if waited:
             gateway.metrics.queue_wait.observe(waited)
-        timeout = gateway.config.upstream_timeout_s
-        exchange.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, exchange)
+        gateway.active.add(exchange)
         gateway.send_upstream(exchange)
 
-    def _timed_out(self, exchange: _Exchange) -> None:
+    def timed_out(self, exchange: _Exchange) -> None:
         if exchange.finished:
             return
         if exchange.sent_bytes == 0:
@@ -720,8 +760,7 @@ class _ClientConnection(asyncio.Protocol):
         self, exchange: _Exchange, *, refusal: Reason | None = None, aborted: bool = False
     ) -> None:
         exchange.finished = True
-        if exchange.timer is not None:
-            exchange.timer.cancel()
+        self.gateway.active.discard(exchange)
         upstream = exchange.upstream
         if upstream is not None and (aborted or refusal is not None):
             upstream.abort()
@@ -733,6 +772,7 @@ class _ClientConnection(asyncio.Protocol):
             return
         gateway.metrics.latency(exchange.route, time.monotonic() - exchange.started)
         gateway.metrics.count(exchange.route, exchange.status or 499)
+        gateway.pool.ensure_spare()
         if aborted:
             self.busy = False
             return
@@ -758,10 +798,12 @@ class Gateway:
         self.backend = backend
         self.tokens = tokens
         self.registry = registry or CollectorRegistry()
-        self.metrics = GatewayMetrics(self.registry)
+        self.metrics = GatewayMetrics()
+        self.registry.register(self.metrics)
         self.registry.register(_RuntimeCollector(view, gate))
         self.pool = _UpstreamPool()
         self.connections: set[_ClientConnection] = set()
+        self.active: set[_Exchange] = set()
         self.port = 0
         self._server: asyncio.Server | None = None
         self._refusal_log = EventRateLimiter(1.0)
@@ -786,7 +828,9 @@ class Gateway:
         _log.info("gateway.listening", host=self.config.host, port=self.port)
         task_status.started(self.port)
         try:
-            await anyio.sleep_forever()
+            while True:  # one sweep a second enforces upstream_timeout_s: no timer per request
+                await anyio.sleep(1.0)
+                self._sweep()
         finally:
             with anyio.CancelScope(shield=True):
                 self._server.close()
@@ -795,6 +839,11 @@ class Gateway:
                 self.pool.close()
                 with anyio.move_on_after(2):
                     await self._server.wait_closed()
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for exchange in [e for e in self.active if e.deadline <= now]:
+            exchange.client.timed_out(exchange)
 
     # -- routing ----------------------------------------------------------------------------------
 
@@ -847,8 +896,11 @@ class Gateway:
     def refuse(
         self, client: _ClientConnection, request: _Request, reason: Reason, *, route: str
     ) -> None:
-        keep_alive = request.keep_alive
-        client.write(_error_response(reason, keep_alive=keep_alive))
+        client.write(
+            _error_response(
+                reason, keep_alive=request.keep_alive, head_only=request.method == b"HEAD"
+            )
+        )
         self.metrics.refused(reason)
         self.metrics.count(route, _REFUSALS.get(reason, _REFUSALS[Reason.MALFORMED_INPUT])[0])
         suppressed = self._refusal_log.allow(reason.value)

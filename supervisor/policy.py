@@ -13,7 +13,6 @@ verdict, reason or message carries an input value: reasons are the fixed codes o
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -739,32 +738,43 @@ def create_admission_state(*, max_in_flight: int, queue_bound: int) -> Admission
     return AdmissionState(max_in_flight=max_in_flight, queue_bound=queue_bound)
 
 
+def _with_counts(state: AdmissionState, in_flight: int, queued: int) -> AdmissionState:
+    # The gateway's hot path: the bounds were checked by the caller, the limits are unchanged,
+    # so the new state skips __post_init__'s re-validation of every field.
+    new = object.__new__(AdmissionState)
+    object.__setattr__(new, "max_in_flight", state.max_in_flight)
+    object.__setattr__(new, "queue_bound", state.queue_bound)
+    object.__setattr__(new, "in_flight", in_flight)
+    object.__setattr__(new, "queued", queued)
+    return new
+
+
 def record_in_flight(state: AdmissionState) -> AdmissionState:
     """One more request holds a slot. Past ``max_in_flight`` this is a caller bug: ValueError."""
     if state.in_flight >= state.max_in_flight:
         raise ValueError("in_flight would exceed max_in_flight")
-    return dataclasses.replace(state, in_flight=state.in_flight + 1)
+    return _with_counts(state, state.in_flight + 1, state.queued)
 
 
 def record_released(state: AdmissionState) -> AdmissionState:
     """A request gave its slot back."""
     if state.in_flight <= 0:
         raise ValueError("no request in flight to release")
-    return dataclasses.replace(state, in_flight=state.in_flight - 1)
+    return _with_counts(state, state.in_flight - 1, state.queued)
 
 
 def record_queued(state: AdmissionState) -> AdmissionState:
     """One more request waits for a slot. Past ``queue_bound`` this is a caller bug: ValueError."""
     if state.queued >= state.queue_bound:
         raise ValueError("queued would exceed queue_bound")
-    return dataclasses.replace(state, queued=state.queued + 1)
+    return _with_counts(state, state.in_flight, state.queued + 1)
 
 
 def record_dequeued(state: AdmissionState) -> AdmissionState:
     """A waiting request left the queue (admitted, timed out or cancelled)."""
     if state.queued <= 0:
         raise ValueError("no request queued to dequeue")
-    return dataclasses.replace(state, queued=state.queued - 1)
+    return _with_counts(state, state.in_flight, state.queued - 1)
 
 
 def evaluate_admission(state: object) -> Verdict:

@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -91,15 +90,15 @@ class _LineLimiter:
         self.last = time.monotonic()
         self.suppressed = 0
 
-    def allow(self) -> bool:
+    def take(self, lines: int) -> int:
+        """How many of ``lines`` may be logged now; the rest are counted as suppressed."""
         now = time.monotonic()
         self.tokens = min(LINE_BURST, self.tokens + (now - self.last) * LINES_PER_SECOND)
         self.last = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        self.suppressed += 1
-        return False
+        allowed = min(lines, int(self.tokens))
+        self.tokens -= allowed
+        self.suppressed += lines - allowed
+        return allowed
 
 
 class ChildProcess:
@@ -109,8 +108,7 @@ class ChildProcess:
         self._process = process
         self._launch = launch
         self._name = name
-        self._tail: deque[str] = deque()
-        self._tail_chars = 0
+        self._tail = bytearray()
         self._pump_done = anyio.Event()
         self._output = anyio.Event()
         self.started_at = time.monotonic()
@@ -131,7 +129,9 @@ class ChildProcess:
 
     def tail(self) -> str:
         """The last few KiB of the child's output, the API key redacted."""
-        return "".join(self._tail)
+        text = bytes(self._tail[-TAIL_CHARS:]).decode("utf-8", "replace")
+        cut = text.find("\n") if len(self._tail) > TAIL_CHARS else -1
+        return redact_text(text[cut + 1 :].replace(self._launch.api_key, "<redacted>"))
 
     async def wait_output(self) -> None:
         """Until the child writes something (the runtime probes right after: llama.cpp logs as
@@ -166,14 +166,10 @@ class ChildProcess:
             await self._process.aclose()
         return self._process.returncode if self._process.returncode is not None else -9
 
-    def _keep(self, text: str) -> None:
-        self._tail.append(text)
-        self._tail_chars += len(text)
-        while self._tail_chars > TAIL_CHARS and len(self._tail) > 1:
-            self._tail_chars -= len(self._tail.popleft())
-
     async def _pump(self) -> None:
-        """Read the child's output line by line into the log and the tail."""
+        """Read the child's output: all of it into the tail, lines into the log as the rate
+        limit allows. Lines the limit holds back are only counted, never decoded: llama.cpp
+        logs several lines per request, and the hot path should not pay for them."""
         limiter = _LineLimiter()
         stream = self._process.stdout
         assert stream is not None
@@ -183,15 +179,22 @@ class ChildProcess:
                 self.last_output_at = time.monotonic()
                 self._output.set()
                 self._output = anyio.Event()
-                pending += data
-                *lines, pending = pending.split(b"\n")
-                if len(pending) > MAX_LINE_CHARS * 4:  # a runaway line: cut it here
-                    lines.append(pending)
-                    pending = b""
-                for raw in lines:
-                    self._line(raw, limiter)
-            if pending:
-                self._line(pending, limiter)
+                self._tail += data
+                if len(self._tail) > 2 * TAIL_CHARS:
+                    del self._tail[: len(self._tail) - TAIL_CHARS]
+                newlines = data.count(b"\n")
+                if not newlines:  # part of a line: keep (a bounded end of) it
+                    pending = (pending + data)[-MAX_LINE_CHARS * 4 :]
+                    continue
+                allowed = limiter.take(newlines)
+                if not allowed:
+                    pending = data.rsplit(b"\n", 1)[1]
+                    continue
+                *lines, pending = (pending + data).split(b"\n")
+                for raw in lines[-allowed:]:
+                    self._log_line(raw, limiter)
+            if pending and limiter.take(1):
+                self._log_line(pending, limiter)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError):
             pass
         finally:
@@ -199,19 +202,17 @@ class ChildProcess:
                 _log.info("child.output_suppressed", model=self._name, lines=limiter.suppressed)
             self._pump_done.set()
 
-    def _line(self, raw: bytes, limiter: _LineLimiter) -> None:
+    def _log_line(self, raw: bytes, limiter: _LineLimiter) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
+        if not text:
+            return
         if len(text) > MAX_LINE_CHARS:
             text = text[:MAX_LINE_CHARS] + " [cut]"
         text = redact_text(text.replace(self._launch.api_key, "<redacted>"))
-        self._keep(text + "\n")
-        if not text:
-            return
-        if limiter.allow():
-            if limiter.suppressed:
-                _log.info("child.output_suppressed", model=self._name, lines=limiter.suppressed)
-                limiter.suppressed = 0
-            _log.info("child.output", model=self._name, line=text)
+        if limiter.suppressed:
+            _log.info("child.output_suppressed", model=self._name, lines=limiter.suppressed)
+            limiter.suppressed = 0
+        _log.info("child.output", model=self._name, line=text)
 
 
 @contextlib.asynccontextmanager
