@@ -32,8 +32,9 @@ lint: venv
 test: venv llama-server lint
 	LLAMA_SERVER_BIN="$$(PYTHON=$(BIN)/python scripts/build-llama-server)" $(BIN)/python -m pytest
 
+# The demo's config names the command `llama-server`: the one built above goes first on PATH.
 demo: venv llama-server
-	LLAMA_SERVER_BIN="$$(PYTHON=$(BIN)/python scripts/build-llama-server)" \
+	PATH="$$(dirname "$$(PYTHON=$(BIN)/python scripts/build-llama-server)"):$$PATH" \
 	  $(BIN)/llama-supervisor serve --config config/demo.toml
 
 clean:

@@ -9,6 +9,8 @@ path under the store, the digest, a token or a key.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import signal
 import sys
 import time
@@ -17,10 +19,11 @@ from pathlib import Path
 from typing import Final, TextIO
 
 import anyio
+import httpx
 from anyio.abc import TaskStatus
 
 from supervisor import __version__
-from supervisor.config import Config, ConfigError, load_config, render_config
+from supervisor.config import Config, load_config, render_config
 from supervisor.errors import SupervisorError
 from supervisor.fetch import FetchProgress, fetch_model, verify_model
 from supervisor.logging import configure_logging, get_logger
@@ -36,6 +39,7 @@ __all__ = [
     "ProgressPrinter",
     "exit_code_for",
     "main",
+    "render_status",
 ]
 
 EXIT_OK: Final = 0
@@ -202,6 +206,75 @@ def _cmd_check_config(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
+    """Command-line overrides of the config (serve's --host, --port, --store)."""
+    gateway = config.gateway
+    if getattr(args, "host", None) is not None:
+        gateway = dataclasses.replace(gateway, host=args.host)
+    if getattr(args, "port", None) is not None:
+        gateway = dataclasses.replace(gateway, port=args.port)
+    store = config.store
+    if getattr(args, "store", None) is not None:
+        store = dataclasses.replace(store, dir=args.store.expanduser().resolve())
+    return dataclasses.replace(config, gateway=gateway, store=store)
+
+
+def _format_bytes(value: object) -> str:
+    if not isinstance(value, int | float):
+        return "not observed"
+    return f"{value / (1024 * 1024):.1f} MiB"
+
+
+def render_status(doc: dict[str, object]) -> str:
+    """A /status document as a few readable lines."""
+    resources = doc.get("resources")
+    res = resources if isinstance(resources, dict) else {}
+    cpu = res.get("cpu_percent")
+    lines = [
+        ("state", f"{doc.get('state')} (restarts: {doc.get('restarts')})"),
+        ("model", f"{doc.get('model')} (sha256 {doc.get('sha256')}...)"),
+        ("backend", str(doc.get("backend"))),
+        ("requests", f"in flight {doc.get('in_flight')}, queued {doc.get('queued')}"),
+        (
+            "resources",
+            f"RAM {_format_bytes(res.get('ram_bytes'))}, "
+            f"CPU {f'{cpu:.1f} %' if isinstance(cpu, int | float) else 'not observed'}, "
+            f"VRAM {_format_bytes(res.get('vram_bytes'))}",
+        ),
+        ("refusing", str(doc.get("refusing") or "no")),
+        ("stopped by", str(doc.get("stop_reason") or "-")),
+        ("uptime", f"{doc.get('uptime_s')} s"),
+    ]
+    return "".join(f"{key:<11}{value}\n" for key, value in lines)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    tokens = os.environ.get(args.token_env, "")
+    token = next((t.strip() for t in tokens.split(",") if t.strip()), None)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    url = args.url.rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]
+    try:
+        with httpx.Client(trust_env=False, timeout=args.timeout) as client:
+            response = client.get(url + "/status", headers=headers)
+    except (httpx.HTTPError, ValueError):
+        print("error: network_error: the supervisor did not answer", file=sys.stderr)
+        return EXIT_ERROR
+    if response.status_code == 401:
+        print("error: unauthorized: a valid token is needed (see --token-env)", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        doc = response.json()
+    except ValueError:
+        doc = None
+    if response.status_code != 200 or not isinstance(doc, dict):
+        print("error: http_status: the supervisor answered with an error", file=sys.stderr)
+        return EXIT_ERROR
+    print(render_status(doc), end="")
+    return EXIT_OK
+
+
 _COMMANDS: Final[dict[str, tuple[str, Callable[[Config, argparse.Namespace], int]]]] = {
     "serve": ("fetch and verify the model, run and supervise the server", _cmd_serve),
     "fetch": ("download (or copy) and verify the model into the store", _cmd_fetch),
@@ -230,6 +303,24 @@ def _parser() -> argparse.ArgumentParser:
     for name, (help_text, _fn) in _COMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.add_argument("--config", required=True, type=Path, help="the TOML config file")
+        if name == "serve":
+            sub.add_argument("--host", help="override gateway.host")
+            sub.add_argument("--port", type=int, help="override gateway.port (0: any free port)")
+            sub.add_argument("--store", type=Path, help="override store.dir")
+    status = commands.add_parser(
+        "status",
+        help="show a running supervisor's /status",
+        description="Show a running supervisor's /status as a short summary.",
+    )
+    status.add_argument(
+        "--url", required=True, help="the supervisor's URL, e.g. http://127.0.0.1:8000"
+    )
+    status.add_argument(
+        "--token-env",
+        default="LLAMA_SUPERVISOR_TOKENS",
+        help="environment variable holding the bearer token(s); the first one is sent",
+    )
+    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait")
     return parser
 
 
@@ -241,12 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE if exit_.code not in (0, None) else EXIT_OK
     json_logs = {"auto": None, "json": True, "console": False}[args.log_format]
     configure_logging(json=json_logs, level=args.log_level)
-    _help, command = _COMMANDS[args.command]
     try:
-        config = load_config(args.config)
+        if args.command == "status":
+            return _cmd_status(args)
+        _help, command = _COMMANDS[args.command]
+        config = _with_overrides(load_config(args.config), args)
         return command(config, args)
-    except ConfigError as error:
-        return _fail(error, sys.stderr)
     except SupervisorError as error:
         return _fail(error, sys.stderr)
     except KeyboardInterrupt:

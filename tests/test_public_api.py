@@ -20,9 +20,8 @@ def _defined_public_names(module: ModuleType) -> set[str]:
     for name, value in vars(module).items():
         if name.startswith("_") or inspect.ismodule(value):
             continue
-        if (inspect.isclass(value) or inspect.isfunction(value)) and (
-            value.__module__ == module.__name__
-        ):
+        # Classes, functions, and callables made by decorators (pytest fixtures).
+        if callable(value) and getattr(value, "__module__", None) == module.__name__:
             names.add(name)
     tree = ast.parse(inspect.getsource(module))
     for node in tree.body:
@@ -61,11 +60,13 @@ def test_module_all_matches_its_public_names(name: str) -> None:
 def test_package_all_is_sorted_and_complete() -> None:
     exported = list(supervisor.__all__)
     assert exported == sorted(exported)
-    public = {
-        name
-        for name, value in vars(supervisor).items()
-        if not name.startswith("_") and not inspect.ismodule(value)
+    for name in exported:  # every export resolves (they load on first use)
+        value = getattr(supervisor, name)
+        assert getattr(value, "__name__", name) == name
+    public_modules = {
+        importlib.import_module(name).__name__ for name in MODULES if not name.endswith("testing")
     }
-    assert set(exported) == public
     for name in exported:
-        assert getattr(supervisor, name) is not None
+        assert getattr(supervisor, name).__module__ in public_modules
+    with pytest.raises(AttributeError):
+        _ = supervisor.not_a_name
