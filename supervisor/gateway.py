@@ -302,9 +302,10 @@ class GatewayMetrics(Collector):
 class _RuntimeCollector(Collector):
     """Values read from the runtime at scrape time: nothing to update on the hot path."""
 
-    def __init__(self, view: RuntimeView, gate: AdmissionGate) -> None:
+    def __init__(self, view: RuntimeView, gate: AdmissionGate, pool: _UpstreamPool) -> None:
         self.view = view
         self.gate = gate
+        self.pool = pool
 
     def collect(self) -> Iterable[Metric]:
         in_flight = GaugeMetricFamily("llama_supervisor_in_flight", "Requests at the child now.")
@@ -319,7 +320,16 @@ class _RuntimeCollector(Collector):
         current = self.view.lifecycle.state
         for candidate in LifecycleState:
             state.add_metric([candidate.value], 1.0 if candidate is current else 0.0)
-        yield from (in_flight, queued, state)
+        opened = CounterMetricFamily(
+            "llama_supervisor_upstream_connections", "Connections opened to the child."
+        )
+        opened.add_metric([], self.pool.opened)
+        retried = CounterMetricFamily(
+            "llama_supervisor_upstream_retries",
+            "Requests resent on a fresh connection after a kept-alive one was found closed.",
+        )
+        retried.add_metric([], self.pool.retried)
+        yield from (in_flight, queued, state, opened, retried)
         status = self.view.status()
         restarts = CounterMetricFamily("llama_supervisor_restarts", "Child restarts.")
         restarts.add_metric([], status.get("restarts", 0))
@@ -417,6 +427,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self._complete = False
         self._keep_alive = False
+        self._streamed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -430,6 +441,7 @@ class _UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         self.exchange = exchange
         self._complete = False
+        self._streamed = False
         self.parser = httptools.HttpResponseParser(self)
         self.transport.write(data)
 
@@ -455,6 +467,14 @@ class _UpstreamConnection(asyncio.Protocol):
             exchange.client.upstream_done(exchange)
 
     # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if (
+            len(name) == 12
+            and name.lower() == b"content-type"
+            and value.startswith(b"text/event-stream")
+        ):
+            self._streamed = True
+
     def on_headers_complete(self) -> None:
         if self.exchange is not None:
             self.exchange.status = self.parser.get_status_code()
@@ -462,7 +482,9 @@ class _UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._complete = True
         # Read it now: llhttp forgets the connection's keep-alive once the message is done.
-        self._keep_alive = self.parser.should_keep_alive()
+        # llama-server closes its side after every event stream whatever its headers say, and a
+        # reused dead connection costs a failed write and a retry: streams are not reused.
+        self._keep_alive = self.parser.should_keep_alive() and not self._streamed
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -491,6 +513,8 @@ class _UpstreamPool:
         self.generation = 0
         self.prefix = b""
         self.connecting = 0
+        self.opened = 0  # connections opened to the child (for /metrics)
+        self.retried = 0  # requests resent after a kept-alive connection was found closed
 
     def ensure_spare(self) -> None:
         """Keep one connection open and idle: llama-server closes its connection after every
@@ -501,6 +525,7 @@ class _UpstreamPool:
         generation = self.generation
         loop = asyncio.get_running_loop()
         self.connecting += 1
+        self.opened += 1
         task = loop.create_task(
             loop.create_connection(lambda: _UpstreamConnection(self, generation), host, port)
         )
@@ -748,6 +773,7 @@ class _ClientConnection(asyncio.Protocol):
             # A kept-alive connection the child closed as we reused it: try once on a fresh one.
             exchange.retried = True
             exchange.upstream = None
+            self.gateway.pool.retried += 1
             self.gateway.send_upstream(exchange, fresh=True)
             return
         if exchange.sent_bytes == 0:
@@ -800,8 +826,8 @@ class Gateway:
         self.registry = registry or CollectorRegistry()
         self.metrics = GatewayMetrics()
         self.registry.register(self.metrics)
-        self.registry.register(_RuntimeCollector(view, gate))
         self.pool = _UpstreamPool()
+        self.registry.register(_RuntimeCollector(view, gate, self.pool))
         self.connections: set[_ClientConnection] = set()
         self.active: set[_Exchange] = set()
         self.port = 0
@@ -935,6 +961,7 @@ class Gateway:
             return
         host, port, _key = target
         generation = self.pool.generation
+        self.pool.opened += 1
         loop = asyncio.get_running_loop()
         task = loop.create_task(
             loop.create_connection(lambda: _UpstreamConnection(self.pool, generation), host, port)
