@@ -92,8 +92,11 @@ async def test_openai_sdk_chat_completion_and_streaming(
     tmp_path: Path, llama_server_bin: str
 ) -> None:
     config = llama_config(tmp_path, llama_server_bin)
-    async with serving(config, tokens=load_tokens("client-token")) as (service, url):
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="client-token", max_retries=0)
+    async with (
+        serving(config, tokens=load_tokens("client-token")) as (service, url),
+        openai.AsyncOpenAI(base_url=url + "/v1", api_key="client-token", max_retries=0) as client,
+        openai.AsyncOpenAI(base_url=url + "/v1", api_key="wrong-token", max_retries=0) as wrong,
+    ):
         chat = await client.chat.completions.create(
             model="tiny-llama", messages=[{"role": "user", "content": "hello"}], max_tokens=4
         )
@@ -103,7 +106,7 @@ async def test_openai_sdk_chat_completion_and_streaming(
             model="tiny-llama", prompt="hello", max_tokens=4
         )
         assert completion.usage is not None
-        assert completion.usage.completion_tokens == 4
+        assert 1 <= completion.usage.completion_tokens <= 4
         chunks = []
         stream = await client.chat.completions.create(
             model="tiny-llama",
@@ -113,18 +116,16 @@ async def test_openai_sdk_chat_completion_and_streaming(
         )
         async for chunk in stream:
             chunks.append(chunk)
-        assert len(chunks) >= 4
-        assert chunks[-1].choices[0].finish_reason == "length"
+        # Random weights may sample the end-of-text token early: at least a role and a finish.
+        assert len(chunks) >= 2
+        assert chunks[-1].choices[0].finish_reason in ("length", "stop")
         models = await client.models.list()
         assert [m.id for m in models.data] == ["tiny-llama"]
 
-        wrong = openai.AsyncOpenAI(base_url=url + "/v1", api_key="wrong-token", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as info:
             await wrong.completions.create(model="tiny-llama", prompt="hello", max_tokens=1)
         assert info.value.status_code == 401
         assert info.value.code == "unauthorized"
-        await client.close()
-        await wrong.close()
         assert service.gate.in_flight == 0
 
 
@@ -134,11 +135,12 @@ async def test_openai_sdk_embeddings(tmp_path: Path, llama_server_bin: str) -> N
         llama_server_bin,
         args=["--ctx-size", "512", "--threads", "1", "--embeddings", "--pooling", "mean"],
     )
-    async with serving(config) as (_service, url):
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    async with (
+        serving(config) as (_service, url),
+        openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client,
+    ):
         result = await client.embeddings.create(model="tiny-llama", input="hello")
         assert len(result.data[0].embedding) == 64  # the tiny model's embedding width
-        await client.close()
 
 
 async def test_bodies_pass_through_byte_exact(tmp_path: Path, llama_server_bin: str) -> None:

@@ -66,7 +66,7 @@ def test_readme_demo_command_serves_a_completion(tmp_path: Path, llama_server_bi
             base + "/completions", json={"prompt": "Hello", "max_tokens": 8}, trust_env=False
         )
         assert response.status_code == 200
-        assert response.json()["choices"][0]["finish_reason"] == "length"
+        assert response.json()["choices"][0]["finish_reason"] in ("length", "stop")
         client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
         chat = client.chat.completions.create(
             model="tiny-llama", messages=[{"role": "user", "content": "Hello"}], max_tokens=8
