@@ -24,7 +24,7 @@ from anyio.abc import TaskStatus
 
 from supervisor import __version__
 from supervisor.config import Config, load_config, render_config
-from supervisor.errors import SupervisorError
+from supervisor.errors import SupervisorError, unwrap_group
 from supervisor.fetch import FetchProgress, fetch_model, verify_model
 from supervisor.logging import configure_logging, get_logger
 from supervisor.policy import Reason
@@ -175,21 +175,13 @@ async def _serve(config: Config) -> int:
         shown = f"[{host}]" if ":" in host else host
         print(f"{config.model.name} ready at http://{shown}:{port}/v1", flush=True)
 
-    try:
+    with unwrap_group():
         async with anyio.create_task_group() as tg:
             tg.start_soon(on_signals)
             port = await tg.start(run_service)
             tg.start_soon(announce, port)
             await done.wait()
             tg.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        matched, _rest = group.split(SupervisorError)
-        if matched is None:
-            raise
-        leaf: BaseException = matched
-        while isinstance(leaf, BaseExceptionGroup):
-            leaf = leaf.exceptions[0]
-        raise leaf from None
     return EXIT_OK
 
 

@@ -6,10 +6,14 @@ digest, a token or a key: errors are printed, logged and sent in HTTP bodies as 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from supervisor.policy import Reason
 
 __all__ = [
     "SupervisorError",
+    "unwrap_group",
 ]
 
 
@@ -25,3 +29,19 @@ class SupervisorError(Exception):
 
     def __str__(self) -> str:
         return f"{self.reason.value}: {self.message}"
+
+
+@contextlib.contextmanager
+def unwrap_group() -> Iterator[None]:
+    """Around a task group: re-raise the first :class:`SupervisorError` inside an exception group
+    as itself, so callers see ``FetchError`` or ``ChildError``, not a group."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        matched, _rest = group.split(SupervisorError)
+        if matched is None:
+            raise
+        leaf: BaseException = matched
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        raise leaf from None

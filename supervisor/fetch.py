@@ -848,10 +848,17 @@ async def fetch_model(
         _check_free_space(store, model, disk_margin_bytes)
         _log.info("fetch.start", model=model.name, size_bytes=model.size_bytes)
         download = _Download(model, store, on_progress)
-        if model.is_file_source:
-            await _in_thread(lock_fd, download.attempt_file)
-        else:
-            await _run_http(download, lock_fd)
+        try:
+            if model.is_file_source:
+                await _in_thread(lock_fd, download.attempt_file)
+            else:
+                await _run_http(download, lock_fd)
+        except FetchError as error:
+            if error.reason in (Reason.SIZE_MISMATCH, Reason.DIGEST_MISMATCH):
+                # The source misbehaves: nothing it sent is worth resuming from.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(download.partial)
+            raise
         verified = _install(store, model)
     _log.info("fetch.verified", model=model.name, size_bytes=model.size_bytes)
     return verified

@@ -49,11 +49,13 @@ from prometheus_client.registry import Collector
 from supervisor.admission import AdmissionGate, Ticket
 from supervisor.backends import Backend
 from supervisor.config import GatewayConfig
+from supervisor.errors import SupervisorError
 from supervisor.logging import EventRateLimiter, get_logger
 from supervisor.policy import Lifecycle, LifecycleState, Reason, Verdict
 
 __all__ = [
     "Gateway",
+    "GatewayError",
     "GatewayMetrics",
     "MAX_HEAD_BYTES",
     "RuntimeView",
@@ -124,6 +126,12 @@ _REFUSALS: Final[dict[Reason, tuple[int, str, str, int | None]]] = {
     Reason.UPSTREAM_TIMEOUT: (504, "upstream_error", "the model server took too long", None),
     Reason.MALFORMED_INPUT: (500, "server_error", "the request could not be evaluated", None),
 }  # fmt: skip
+
+
+class GatewayError(SupervisorError):
+    """The gateway could not be served."""
+
+    default_reason = Reason.LISTEN_FAILED
 
 
 def error_body(reason: Reason) -> bytes:
@@ -364,6 +372,16 @@ class _RuntimeCollector(Collector):
 # requests
 
 
+def _no_delay(transport: asyncio.BaseTransport) -> asyncio.Transport:
+    """Small writes go out at once (request heads, SSE events): no Nagle delay."""
+    assert isinstance(transport, asyncio.Transport)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return transport
+
+
 class _Request:
     __slots__ = (
         "authorization",
@@ -430,12 +448,7 @@ class _UpstreamConnection(asyncio.Protocol):
         self._streamed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = _no_delay(transport)
 
     def send(self, exchange: _Exchange, data: bytes) -> None:
         assert self.transport is not None
@@ -599,12 +612,7 @@ class _ClientConnection(asyncio.Protocol):
     # -- transport events -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.transport = _no_delay(transport)
         self.gateway.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -842,13 +850,19 @@ class Gateway:
     ) -> None:
         """Listen until cancelled; ``task_status.started(port)`` once listening."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _ClientConnection(self),
-            host=self.config.host,
-            port=self.config.port,
-            reuse_address=True,
-            backlog=1024,
-        )
+        try:
+            self._server = await loop.create_server(
+                lambda: _ClientConnection(self),
+                host=self.config.host,
+                port=self.config.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except OSError:
+            raise GatewayError(
+                "the gateway cannot listen on gateway.host and gateway.port",
+                reason=Reason.LISTEN_FAILED,
+            ) from None
         sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1] if sockets else self.config.port
         _log.info("gateway.listening", host=self.config.host, port=self.port)

@@ -122,6 +122,7 @@ class Reason(StrEnum):
     BAD_REQUEST = "bad_request"
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
+    LISTEN_FAILED = "listen_failed"
 
 
 @dataclass(frozen=True, slots=True)

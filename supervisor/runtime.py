@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry
 from supervisor.admission import AdmissionGate
 from supervisor.backends import Backend, ChildLaunch, ProbeOutcome, backend_for, prepare_launch
 from supervisor.config import Config
-from supervisor.errors import SupervisorError
+from supervisor.errors import SupervisorError, unwrap_group
 from supervisor.fetch import FetchError, VerifiedModel
 from supervisor.gateway import Gateway, load_tokens
 from supervisor.health import probe_client, probe_once, starting_delays
@@ -527,14 +527,15 @@ class Service:
     ) -> None:
         """Serve until shutdown; ``task_status.started(port)`` once the gateway listens.
         Raises :class:`ChildError` when the child cannot be kept running."""
-        async with anyio.create_task_group() as tg:
-            port = await tg.start(self.gateway.serve)
-            task_status.started(port)
-            tg.start_soon(self.watchdog.run)
-            try:
-                await self.supervisor.run()
-            except ChildError:
-                self.gate.refuse_queue(self.supervisor.stop_reason or Reason.RESTART_LIMIT)
-                raise
-            finally:
-                tg.cancel_scope.cancel()
+        with unwrap_group():
+            async with anyio.create_task_group() as tg:
+                port = await tg.start(self.gateway.serve)
+                task_status.started(port)
+                tg.start_soon(self.watchdog.run)
+                try:
+                    await self.supervisor.run()
+                except ChildError:
+                    self.gate.refuse_queue(self.supervisor.stop_reason or Reason.RESTART_LIMIT)
+                    raise
+                finally:
+                    tg.cancel_scope.cancel()

@@ -4,11 +4,13 @@ answers, a stream held open)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,15 @@ def fake_config(tmp_path: Path, *args: str, **sections: dict[str, Any]) -> Confi
     backend = {"kind": "llama-server", "command": str(FAKE_SERVER), "args": list(args)}
     gateway = {"port": 0, **sections.pop("gateway", {})}
     return make_config(tmp_path, backend=backend, gateway=gateway, **sections)
+
+
+@contextlib.contextmanager
+def socket_bound() -> Iterator[int]:
+    """A port some other program listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
 
 
 async def exchange_raw(port: int, data: bytes) -> bytes:
@@ -434,3 +445,17 @@ def test_error_body_holds_no_input() -> None:
         body = json.loads(error_body(reason))
         assert body["error"]["code"] in {r.value for r in Reason}
         assert os.sep not in body["error"]["message"]
+
+
+async def test_a_port_in_use_is_a_fixed_error(tmp_path: Path) -> None:
+    from supervisor.gateway import GatewayError
+
+    with socket_bound() as port:
+        config = fake_config(tmp_path, "--mode", "slow", gateway={"port": port})
+        model = await fetch_model(config.model, config.store.dir)
+        service = Service(config, model)
+        with pytest.raises(GatewayError) as info:
+            await service.run()
+    assert info.value.reason == Reason.LISTEN_FAILED
+    assert str(port) not in str(info.value)
+    assert service.supervisor.spawns == 0
