@@ -459,3 +459,43 @@ async def test_a_port_in_use_is_a_fixed_error(tmp_path: Path) -> None:
     assert info.value.reason == Reason.LISTEN_FAILED
     assert str(port) not in str(info.value)
     assert service.supervisor.spawns == 0
+
+
+async def test_drain_lets_in_flight_requests_finish_and_refuses_new_ones(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, "--mode", "slow", "--delay", "1.0")
+    async with (
+        serving(config) as (service, url),
+        httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as client,
+    ):
+        results: dict[str, httpx.Response] = {}
+
+        async def in_flight() -> None:
+            results["in_flight"] = await client.post("/v1/completions", content=b"{}")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(in_flight)
+            with anyio.fail_after(10):
+                while service.gate.in_flight == 0:
+                    await anyio.sleep(0.01)
+            service.request_shutdown()
+            with anyio.fail_after(10):
+                while service.supervisor.state is not LifecycleState.DRAINING:
+                    await anyio.sleep(0.01)
+            results["new"] = await client.post("/v1/completions", content=b"{}")
+        assert results["in_flight"].status_code == 200
+        assert results["new"].status_code == 503
+        assert error_of(results["new"])["code"] == "draining"
+
+
+async def test_upstream_timeout_is_504(tmp_path: Path) -> None:
+    config = fake_config(
+        tmp_path, "--mode", "slow", "--delay", "5.0", gateway={"upstream_timeout_s": 0.5}
+    )
+    async with (
+        serving(config) as (service, url),
+        httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as client,
+    ):
+        response = await client.post("/v1/completions", content=b"{}")
+        assert response.status_code == 504
+        assert error_of(response)["code"] == "upstream_timeout"
+        assert service.gate.in_flight == 0
