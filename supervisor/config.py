@@ -187,9 +187,6 @@ class _Section:
         self.seen.add(key)
         return self.table.get(key)
 
-    def has(self, key: str) -> bool:
-        return key in self.table
-
     def str_(self, key: str, default: str | None = None, *, required: bool = False) -> str:
         value = self.raw(key)
         if value is None:

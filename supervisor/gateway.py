@@ -394,7 +394,6 @@ class _Request:
         "keep_alive",
         "method",
         "path",
-        "received_at",
         "target",
         "version",
     )
@@ -412,7 +411,6 @@ class _Request:
         self.version = "1.1"
         self.path = ""
         self.authorization: bytes | None = None
-        self.received_at = 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -506,9 +504,6 @@ class _UpstreamConnection(asyncio.Protocol):
         self.exchange = None
         if exchange is not None and not exchange.finished:
             exchange.client.upstream_failed(exchange)
-
-    def pause_writing(self) -> None:
-        pass
 
     def abort(self) -> None:
         self.closed = True
@@ -727,7 +722,6 @@ class _ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         request = self.current
         assert request is not None
-        request.received_at = time.monotonic()
         self.pending.append(request)
         self.current = None
 

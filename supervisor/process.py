@@ -113,7 +113,6 @@ class ChildProcess:
         self._output = anyio.Event()
         self.started_at = time.monotonic()
         self.last_output_at = self.started_at
-        self.stopping = False
 
     @property
     def pid(self) -> int:
@@ -148,7 +147,6 @@ class ChildProcess:
 
     async def stop(self, grace_s: float) -> int:
         """SIGTERM the group, wait ``grace_s``, SIGKILL the group; always reaps. Shielded."""
-        self.stopping = True
         with anyio.CancelScope(shield=True):
             if self._process.returncode is None:
                 self._signal_group(signal.SIGTERM)

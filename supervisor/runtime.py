@@ -155,6 +155,7 @@ class Supervisor:
         self._restart_request: Reason | None = None
         self._wake = anyio.Event()
         self._restart_times: list[float] = []
+        self._was_ready = False
         self._state_listeners: list[Callable[[Lifecycle], None]] = []
 
     # -- observers ---------------------------------------------------------------------------
@@ -250,8 +251,12 @@ class Supervisor:
                     "the model server kept failing; restarts exhausted",
                     reason=Reason.RESTART_LIMIT,
                 )
+            self._restart_times = [
+                t for t in self._restart_times if now - t < self.config.restart.window_s
+            ]
             self._restart_times.append(now)
-            failures += 1
+            # The backoff grows with failures in a row; a child that got READY resets it.
+            failures = 1 if self._was_ready else failures + 1
             delay = restart_backoff(
                 failures,
                 initial_s=self.config.restart.backoff_initial_s,
@@ -291,6 +296,7 @@ class Supervisor:
                     "the model server could not be prepared", reason=Reason.SPAWN_FAILED
                 ) from None
             self._restart_request = None
+            self._was_ready = False
             self._wake = anyio.Event()
             self._transition(LifecycleEvent.START)
             self.spawns += 1
@@ -388,6 +394,7 @@ class Supervisor:
                     )
                     return _End.START_TIMEOUT
             self.upstream = Upstream("127.0.0.1", launch.port, launch.api_key)
+            self._was_ready = True
             self._transition(LifecycleEvent.HEALTH_OK)
             _log.info(
                 "child.ready",

@@ -433,3 +433,23 @@ def test_supervisor_sigterm_drains_and_exits_0(tmp_path: Path, llama_server_bin:
     events = [line for line in err.splitlines() if '"lifecycle.transition"' in line]
     assert any('"to_state": "draining"' in line for line in events)
     assert '"to_state": "stopped"' in events[-1]
+
+
+async def test_backoff_resets_once_a_child_was_ready(tmp_path: Path) -> None:
+    config = fake_config(tmp_path, "ignore-term", restart={"stop_grace_s": 0.2})
+    supervisor = Supervisor(config, await verified(config))
+    with capture_logs() as logs:
+        async with running(supervisor):
+            for spawn in (1, 2, 3):
+                await wait_for(
+                    lambda spawn=spawn: (
+                        supervisor.spawns == spawn and supervisor.state is LifecycleState.READY
+                    )
+                )
+                assert supervisor.child is not None
+                os.kill(supervisor.child.pid, signal.SIGKILL)
+            await wait_for(
+                lambda: supervisor.spawns == 4 and supervisor.state is LifecycleState.READY
+            )
+    attempts = [e["attempt"] for e in logs if e["event"] == "child.restart_scheduled"]
+    assert attempts == [1, 1, 1]  # each crash followed a READY child: no growing backoff
