@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -34,8 +32,7 @@ from pathlib import Path
 
 import psutil
 import trustme
-
-ROOT = Path(__file__).resolve().parent.parent
+from benchlib import CLI, ROOT, publish
 
 SERVER = r"""
 import http.server, os, ssl, sys
@@ -122,7 +119,7 @@ def bench_size(
         )
         out = work / "curl.out"
         cli = [
-            str(ROOT / ".venv" / "bin" / "llama-supervisor"),
+            str(CLI),
             "--log-format",
             "json",
             "fetch",
@@ -197,17 +194,7 @@ def main() -> int:
             f"{row['peak_rss_mib_a']:.0f} MiB |"
         )
     table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(exist_ok=True)
-    meta = {
-        "machine": platform.platform(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
-    (args.out / "fetch.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (args.out / "fetch.md").write_text(
-        f"<!-- scripts/bench_fetch.py, {time.strftime('%Y-%m-%d')}, {meta['cpus']} CPUs -->\n{table}\n"
-    )
+    publish(args.out, "fetch", "scripts/bench_fetch.py", table, {"rows": rows})
     return 0
 
 

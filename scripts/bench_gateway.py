@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -36,9 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from benchlib import MODEL, ROOT, llama_server, publish, serve_argv
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "config" / "models" / "tiny-llama.gguf"
 BODY = '{"prompt":"hello","max_tokens":8}'
 STREAM_BODY = json.dumps(
     {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "stream": True}
@@ -51,16 +49,6 @@ wrk.headers["Content-Type"] = "application/json"
 local key = os.getenv("BENCH_KEY")
 if key and key ~= "" then wrk.headers["Authorization"] = "Bearer " .. key end
 """.replace("{BODY}", BODY)
-
-
-def llama_server() -> str:
-    found = os.environ.get("LLAMA_SERVER_BIN")
-    if found:
-        return found
-    out = subprocess.run(
-        [str(ROOT / "scripts" / "build-llama-server")], capture_output=True, text=True, check=True
-    )
-    return out.stdout.strip().splitlines()[-1]
 
 
 def _ms(value: str) -> float:
@@ -147,14 +135,7 @@ class Served:
             f"[admission]\nmax_in_flight = 8\nqueue_bound = 64\n[gateway]\nport = 0\n"
         )
         self.proc = subprocess.Popen(
-            [
-                str(ROOT / ".venv" / "bin" / "llama-supervisor"),
-                "--log-format",
-                "json",
-                "serve",
-                "--config",
-                str(config),
-            ],
+            serve_argv(config),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -259,19 +240,12 @@ def main() -> int:
             f"{first['gateway'] - first['direct']:+.2f} ms |"
         )
     table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(exist_ok=True)
-    meta = {
-        "machine": platform.platform(),
-        "cpus": os.cpu_count(),
-        "seconds": args.seconds,
-        "rounds": args.rounds,
-    }
-    (args.out / "gateway.json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
-    )
-    (args.out / "gateway.md").write_text(
-        f"<!-- scripts/bench_gateway.py, {time.strftime('%Y-%m-%d')}, {args.rounds} rounds of {args.seconds} s -->\n{table}\n"
+    publish(
+        args.out,
+        "gateway",
+        f"scripts/bench_gateway.py, {args.rounds} rounds of {args.seconds} s",
+        table,
+        {"results": results},
     )
     return 0
 

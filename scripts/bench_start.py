@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import queue
 import signal
 import statistics
@@ -34,19 +33,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "config" / "models" / "tiny-llama.gguf"
+from benchlib import CLI, MODEL, ROOT, llama_server, publish, serve_argv
+
 ARGS = ["--ctx-size", "512", "--threads", "1"]
-
-
-def llama_server() -> str:
-    found = os.environ.get("LLAMA_SERVER_BIN")
-    if found:
-        return found
-    out = subprocess.run(
-        [str(ROOT / "scripts" / "build-llama-server")], capture_output=True, text=True, check=True
-    )
-    return out.stdout.strip().splitlines()[-1]
 
 
 def free_port() -> int:
@@ -87,14 +76,7 @@ class Serve:
     def __init__(self, config: Path) -> None:
         self.start = time.perf_counter()
         self.proc = subprocess.Popen(
-            [
-                str(ROOT / ".venv" / "bin" / "llama-supervisor"),
-                "--log-format",
-                "json",
-                "serve",
-                "--config",
-                str(config),
-            ],
+            serve_argv(config),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -150,7 +132,7 @@ def main() -> int:
         )
         # Put the model into the store once: "cold start with the model in the store".
         subprocess.run(
-            [str(ROOT / ".venv" / "bin" / "llama-supervisor"), "fetch", "--config", str(config)],
+            [str(CLI), "fetch", "--config", str(config)],
             check=True,
             capture_output=True,
         )
@@ -203,9 +185,6 @@ def main() -> int:
             f"| chosen backoff + child alone | {rows['backoff_plus_child_start_s'] * 1000:.0f} ms |",
         ]
     )
-    print(table)
-    args.out.mkdir(exist_ok=True)
-    meta = {"machine": platform.platform(), "cpus": os.cpu_count(), "rounds": args.rounds}
     raw = {
         "alone": alone,
         "total": total,
@@ -214,11 +193,12 @@ def main() -> int:
         "recovery": recovery,
         "expected_recovery": expected_recovery,
     }
-    (args.out / "start.json").write_text(
-        json.dumps({"meta": meta, "medians": rows, "raw": raw}, indent=2) + "\n"
-    )
-    (args.out / "start.md").write_text(
-        f"<!-- scripts/bench_start.py, {time.strftime('%Y-%m-%d')}, {args.rounds} rounds -->\n{table}\n"
+    publish(
+        args.out,
+        "start",
+        f"scripts/bench_start.py, {args.rounds} rounds",
+        table,
+        {"medians": rows, "raw": raw},
     )
     return 0
 
