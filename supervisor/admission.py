@@ -116,10 +116,6 @@ class AdmissionGate:
             limits=self._limits(),
         )
 
-    def check(self) -> Verdict:
-        """Would a request be admitted now (or may it wait)? Nothing is recorded."""
-        return self._verdict()
-
     # -- the fast path ---------------------------------------------------------------------------
 
     def try_acquire(self) -> Verdict:

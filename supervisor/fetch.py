@@ -52,6 +52,7 @@ from supervisor.logging import get_logger
 from supervisor.policy import (
     IntegrityAccumulator,
     Reason,
+    Verdict,
     create_integrity_accumulator,
     normalize_sha256,
     validate_integrity_spec,
@@ -448,7 +449,7 @@ def _check_hop(url: str, allowed: tuple[str, ...]) -> None:
         try:
             verdict = validate_source_url(str(httpx.URL(url)), list(allowed))
         except (httpx.InvalidURL, ValueError):
-            verdict = validate_source_url(None, allowed)
+            verdict = Verdict(False, Reason.SOURCE_NOT_ALLOWED)  # httpx cannot even parse it
     if not verdict.ok:
         reason = Reason(verdict.reason)
         if reason == Reason.MALFORMED_INPUT:

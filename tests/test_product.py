@@ -20,7 +20,7 @@ import pytest
 import structlog
 
 from conftest import FAKE_SERVER, ROOT, TINY_MODEL
-from supervisor.config import load_config
+from supervisor.config import Config, load_config
 from supervisor.logging import configure_logging, forget_secret, get_logger, register_secret
 from supervisor.testing import SupervisedServer
 
@@ -105,13 +105,18 @@ def test_serve_exits_4_when_the_child_cannot_be_kept_running(tmp_path: Path) -> 
     )
 
 
+def demo_config(llama_server_bin: str) -> Config:
+    """config/demo.toml with the built llama-server as its command."""
+    config = load_config(ROOT / "config" / "demo.toml")
+    return dataclasses.replace(
+        config, backend=dataclasses.replace(config.backend, command=llama_server_bin)
+    )
+
+
 def test_status_command(
     llama_supervisor: Callable[..., SupervisedServer], llama_server_bin: str
 ) -> None:
-    config = load_config(ROOT / "config" / "demo.toml")
-    config = dataclasses.replace(
-        config, backend=dataclasses.replace(config.backend, command=llama_server_bin)
-    )
+    config = demo_config(llama_server_bin)
     server = llama_supervisor(config)
     result = subprocess.run(
         cli("status", "--url", server.openai_base_url),
@@ -138,10 +143,7 @@ def test_the_pytest_fixture(
     llama_supervisor: Callable[..., SupervisedServer], llama_server_bin: str
 ) -> None:
     """The README's example test for suites that need a real llama.cpp behind a fixture."""
-    config = load_config(ROOT / "config" / "demo.toml")
-    config = dataclasses.replace(
-        config, backend=dataclasses.replace(config.backend, command=llama_server_bin)
-    )
+    config = demo_config(llama_server_bin)
     server = llama_supervisor(config)
     assert llama_supervisor(config) is server  # one server per config for the session
     response = server.client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4})
